@@ -1,0 +1,32 @@
+"""The `unirestorer` command: one subcommand per stage of the pipeline.
+
+Each component owns its subcommand through an `add_parser(subparsers)` function that sets
+`func`; heavy imports happen inside the handlers so `unirestorer --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from unirestorer import __version__
+from unirestorer import demo
+from unirestorer.data_shards import cli as shards_cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unirestorer", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"unirestorer {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    shards_cli.add_parser(sub)
+    demo.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
