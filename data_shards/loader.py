@@ -1,0 +1,376 @@
+"""Streaming WebDataset loader for training: N ranks x W workers, equal steps, reproducible.
+
+Pipeline of one (rank, worker) stream, all in the DataLoader worker:
+
+    shard sets --endless seeded shard order, split by node and worker--> tar samples (raw bytes)
+      --weighted mix of the sets--> shuffle buffer --decode PNG/JPEG + JSON--> crop, flips, 90° rotations
+      --[online: re-degrade gt with fresh parameters]--> batch of tensors
+
+Equal steps: every stream is endless (like webdataset's `resampled=True`) and the loader is
+`WebLoader(...).with_epoch(batches_per_epoch)`, so every rank yields exactly that many batches per
+epoch however uneven the shards are; there is nothing to exhaust, so collectives never wait on a
+rank that ran out. Unlike `resampled=True` (independent draws with replacement), the shard order
+of a set is an endless chain of seeded permutations shared by all streams and split explicitly:
+stream s = rank * W + worker reads every (world * W)-th entry, so within one pass over a set every
+shard is read by exactly one (rank, worker).
+
+Determinism and resume: the stream of a (rank, worker) is a function of (seed, rank, worker,
+restart, epoch); its random generators (set mixing, shuffle, crops, flips, online synthesis) come
+from `SeedSequence([seed, rank, worker, restart, epoch])`, the shared shard orders from
+`SeedSequence([seed, restart, epoch])`. webdataset keeps no position, so a resumed run does not
+replay the interrupted stream: it calls `make_loader(cfg, rank, world, restart=previous + 1)` and
+continues with a fresh, equally reproducible stream (optionally `loader.epoch = saved_epoch`).
+
+Online mode degrades the cropped 8-bit gt and rounds the result to 8 bits, like the stored PNGs.
+
+Safety: only `lq.*`/`gt.*` images (PNG/JPEG) and `json` are ever decoded; other members are
+ignored, never unpickled. A corrupt shard (unreadable, not a tar, truncated, failing pipe: command)
+or sample (bad image bytes, bad JSON, missing member, mismatched sizes) is logged, counted and
+skipped; a shard counts once per read, and the incomplete sample a truncation leaves behind counts
+as a corrupt sample too. Each batch carries `skipped = {"shards": n, "samples": m}` (skips since the
+previous batch of that worker); `StreamLoader.skipped` holds the totals over the batches consumed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlparse
+
+import cv2
+import numpy as np
+import torch
+import webdataset as wds
+from webdataset.gopen import gopen
+from webdataset.shardlists import expand_urls
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from unirestorer.data_shards.augment import crop_pair
+from unirestorer.data_shards.degradations import SIGMA, TASKS, apply_label, synthesize, to_uint8
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("png", "jpg", "jpeg")
+# this many failures in a row is a configuration error (wrong files, wrong format), not bad luck
+MAX_FAILED_SHARDS_IN_A_ROW = 100
+MAX_BAD_SAMPLES_IN_A_ROW = 1000
+
+
+@dataclass
+class StreamConfig:
+    """What to stream and how; one `sources` entry per shard set (a path, brace pattern or pipe:)."""
+
+    sources: list[str]
+    weights: list[float] | None = None  # mixture weights per set (e.g. per task); None = equal
+    patch: int = 128
+    batch_size: int = 8
+    num_workers: int = 4
+    shuffle_buffer: int = 256  # raw (undecoded) samples per worker
+    batches_per_epoch: int = 1000  # per rank; with_epoch(n)
+    seed: int = 0
+    augment: bool = True  # flips and 90° rotations (random crops always)
+    online: bool = False  # re-degrade gt with fresh parameters instead of the stored lq
+    online_tasks: tuple[str, ...] = TASKS  # tasks drawn uniformly per sample in online mode
+    online_sigmas: tuple[float, ...] = ()  # online noise-only path: Gaussian sigma (0..255) from this set
+    pin_memory: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise ValueError("StreamConfig.sources is empty: give at least one shard set")
+        if self.weights is not None:
+            if len(self.weights) != len(self.sources):
+                raise ValueError(f"{len(self.weights)} weights for {len(self.sources)} shard sets")
+            if min(self.weights) < 0 or sum(self.weights) <= 0:
+                raise ValueError(f"mixture weights must be >= 0 with a positive sum, got {self.weights}")
+        for name in ("patch", "batch_size", "batches_per_epoch"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"StreamConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.num_workers < 0 or self.shuffle_buffer < 0:
+            raise ValueError("StreamConfig.num_workers and shuffle_buffer must be >= 0")
+        if self.online_sigmas and not self.online:
+            raise ValueError("StreamConfig.online_sigmas needs online=True")
+        if self.online and not self.online_sigmas:
+            unknown = [t for t in self.online_tasks if t not in TASKS]
+            if unknown or not self.online_tasks:
+                raise ValueError(f"online_tasks {unknown or '()'} not in {', '.join(TASKS)}")
+
+
+def expand_source(spec: str) -> list[str]:
+    """Brace-expand one shard set; local shards must exist (a typo should fail now, not mid-run)."""
+    urls = expand_urls(spec)
+    local = [u for u in urls if not u.startswith("pipe:") and urlparse(u).scheme in ("", "file")]
+    missing = [u for u in local if not _path(u).is_file()]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise FileNotFoundError(f"shard set {spec!r}: no such shard file {missing[0]}{more}")
+    return urls
+
+
+def _path(url: str) -> Path:
+    return Path(urlparse(url).path if url.startswith("file:") else url)
+
+
+def shard_order(urls: list[str], stream: int, n_streams: int, rng: np.random.Generator) -> Iterator[str]:
+    """Entries stream, stream + n_streams, ... of an endless chain of permutations of `urls`."""
+    position = 0
+    while True:
+        perm = rng.permutation(len(urls))
+        yield from (urls[i] for i in perm[(stream - position) % n_streams :: n_streams])
+        position += len(urls)
+
+
+class _TarEnd:
+    """Read-through wrapper that keeps the last 1 KiB: a complete tar ends in two zero blocks.
+
+    Python's tarfile treats a shard cut inside a header as a normal end of archive, so this is the
+    only way to see that truncation. Compressed shards are left to their codec's own checks.
+    """
+
+    def __init__(self, f) -> None:
+        self.f, self.head, self.tail = f, b"", b""
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        if not self.head:
+            self.head = data[:8]
+        self.tail = (self.tail + data[-1024:])[-1024:]
+        return data
+
+    def complete(self) -> bool:
+        while self.read(1 << 16):
+            pass
+        if self.head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd")):
+            return True
+        return len(self.tail) == 1024 and self.tail.count(0) == 1024
+
+
+class Skips:
+    """Counts and logs what one worker skipped; `take()` hands over the counts since the last call."""
+
+    def __init__(self) -> None:
+        self.shards = self.samples = 0
+        self.url, self.failed, self.failed_in_a_row, self.bad_in_a_row = "", False, 0, 0
+
+    def begin(self, url: str) -> None:
+        self.url, self.failed = url, False
+
+    def shard_error(self, exn: BaseException) -> bool:
+        """webdataset handler: one count per shard visit, however many errors the visit raised."""
+        if not self.failed:
+            self.failed = True
+            self.shards += 1
+            self.failed_in_a_row += 1
+            log.warning("skipping corrupt shard %s: %s", self.url, exn)
+            if self.failed_in_a_row >= MAX_FAILED_SHARDS_IN_A_ROW:
+                raise RuntimeError(f"{self.failed_in_a_row} shards in a row failed to read; last {self.url}: {exn}")
+        return True
+
+    def end(self) -> None:
+        if not self.failed:
+            self.failed_in_a_row = 0
+
+    def sample_error(self, sample: dict, exn: BaseException) -> None:
+        self.samples += 1
+        self.bad_in_a_row += 1
+        where = f"{sample.get('__key__')} in {sample.get('__url__')}"
+        log.warning("skipping corrupt sample %s: %s", where, exn)
+        if self.bad_in_a_row >= MAX_BAD_SAMPLES_IN_A_ROW:
+            raise RuntimeError(f"{self.bad_in_a_row} samples in a row were unusable; last {where}: {exn}")
+
+    def take(self) -> dict[str, int]:
+        counts = {"shards": self.shards, "samples": self.samples}
+        self.shards = self.samples = 0
+        return counts
+
+
+def open_shards(urls: Iterator[str], skips: Skips) -> Iterator[dict]:
+    """gopen each url (paths, pipe:, http...) for tar_file_expander; check its end once it is read."""
+    for url in urls:
+        skips.begin(url)
+        try:
+            stream = gopen(url)
+        except Exception as exn:  # missing, unreadable, failing pipe: count it and go on
+            skips.shard_error(exn)
+            continue
+        checked = _TarEnd(stream)
+        try:
+            yield {"url": url, "stream": checked}
+            # tar_file_expander asks for the next shard only after finishing this one
+            if not skips.failed and not checked.complete():
+                skips.shard_error(EOFError("truncated tar: no end-of-archive blocks"))
+        finally:
+            try:
+                stream.close()  # a pipe: reports its command's exit status here
+            except Exception as exn:
+                skips.shard_error(exn)
+        skips.end()
+
+
+def _image(sample: dict, name: str) -> np.ndarray:
+    """Decode member `name`.{png,jpg,jpeg} to uint8 HxWx3 BGR (OpenCV order; flipped after the crop)."""
+    for ext in IMAGE_EXTS:
+        data = sample.get(f"{name}.{ext}")
+        if data is not None:
+            img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+            if img is None:
+                raise ValueError(f"{name}.{ext}: not a decodable PNG/JPEG image ({len(data)} bytes)")
+            return img
+    raise ValueError(f"no {name} image (.png/.jpg) among members {sorted(k for k in sample if k[:2] != '__')}")
+
+
+def decode(sample: dict, need_lq: bool, patch: int) -> dict:
+    """Raw tar sample -> {"meta", "gt", "lq"?} with checked sizes; raises ValueError on bad data."""
+    if "json" not in sample:
+        raise ValueError("no json member")
+    try:
+        meta = json.loads(sample["json"])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exn:
+        raise ValueError(f"json member is not valid JSON: {exn}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("task"), str):
+        raise ValueError("json member must be an object with a string 'task'")
+    out = {"meta": meta, "gt": _image(sample, "gt")}
+    if need_lq:
+        out["lq"] = _image(sample, "lq")
+        if out["lq"].shape != out["gt"].shape:
+            raise ValueError(f"lq {out['lq'].shape[:2]} and gt {out['gt'].shape[:2]} differ in size")
+    if min(out["gt"].shape[:2]) < patch:
+        raise ValueError(f"image {out['gt'].shape[:2]} is smaller than the patch {patch}")
+    return out
+
+
+def mix(streams: list[Iterator[dict]], weights: list[float] | None, rng: np.random.Generator) -> Iterator[dict]:
+    """Draw each sample from set i with probability weights[i] / sum(weights)."""
+    if len(streams) == 1:
+        yield from streams[0]
+        return
+    p = np.full(len(streams), 1.0) if weights is None else np.asarray(weights, dtype=np.float64)
+    cumulative = np.cumsum(p / p.sum())
+    while True:
+        yield next(streams[min(int(np.searchsorted(cumulative, rng.random(), side="right")), len(streams) - 1)])
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """The batches of one rank; each DataLoader worker runs its own seeded stream."""
+
+    def __init__(self, cfg: StreamConfig, rank: int, world_size: int, restart: int) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world of size {world_size}")
+        self.cfg, self.rank, self.world_size, self.restart = cfg, rank, world_size, restart
+        self.urls = [expand_source(s) for s in cfg.sources]
+        self.epoch = 0  # set by StreamLoader before workers start
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        cfg = self.cfg
+        mix_seed, shuffle_seed, sample_seed = np.random.SeedSequence(
+            [cfg.seed, self.rank, worker, self.restart, self.epoch]
+        ).spawn(3)
+        order_seeds = np.random.SeedSequence([cfg.seed, self.restart, self.epoch]).spawn(len(self.urls))
+        stream, n_streams = self.rank * n_workers + worker, self.world_size * n_workers
+        skips = Skips()
+        sets = []
+        for urls, seed in zip(self.urls, order_seeds):
+            order = shard_order(urls, stream, n_streams, np.random.default_rng(seed))
+            files = tar_file_expander(open_shards(order, skips), handler=skips.shard_error)
+            sets.append(group_by_keys(files, handler=skips.shard_error))
+        samples = mix(sets, cfg.weights, np.random.default_rng(mix_seed))
+        if cfg.shuffle_buffer > 1:
+            rng = random.Random(int(shuffle_seed.generate_state(1)[0]))
+            samples = wds.filters.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer, rng=rng)(samples)
+        rng = np.random.default_rng(sample_seed)
+        batch = []
+        for raw in samples:
+            try:
+                item = decode(raw, not cfg.online, cfg.patch)
+            except ValueError as exn:
+                skips.sample_error(raw, exn)
+                continue
+            skips.bad_in_a_row = 0
+            batch.append(self.make_pair(raw["__key__"], item, rng))
+            if len(batch) == cfg.batch_size:
+                yield collate(batch, skips.take())
+                batch = []
+
+    def make_pair(self, key: str, item: dict, rng: np.random.Generator) -> dict:
+        """Crop and augment (same transform for lq and gt), then re-degrade gt in online mode."""
+        cfg = self.cfg
+        images = [item["gt"]] if cfg.online else [item["gt"], item["lq"]]
+        gt, *lq = crop_pair(images, cfg.patch, rng, cfg.augment)
+        if not cfg.online:
+            meta = item["meta"]
+            return {"gt": gt, "lq": lq[0], "task": meta["task"], "label": meta.get("label", {}), "key": key}
+        clean = gt.astype(np.float32) * np.float32(1 / 255)
+        if cfg.online_sigmas:
+            label = noise_label(float(cfg.online_sigmas[rng.integers(len(cfg.online_sigmas))]))
+            degraded = apply_label(clean, label, rng)
+        else:
+            degraded, label = synthesize(clean, cfg.online_tasks[rng.integers(len(cfg.online_tasks))], rng)
+        return {"gt": gt, "lq": to_uint8(degraded), "task": label["task"], "label": label, "key": key}
+
+
+def noise_label(sigma: float) -> dict:
+    """Label of additive Gaussian noise of std sigma/255, in the shape `synthesize` returns."""
+    component = {"family": "noise", "type": "gaussian_noise", "params": {"sigma": sigma},
+                 "intensity": round(min(sigma / SIGMA[1], 1.0), 4)}
+    return {"task": "noise", "intensity": component["intensity"], "components": [component]}
+
+
+def _tensor(images: list[np.ndarray]) -> torch.Tensor:
+    """uint8 HxWx3 list -> float32 [B, 3, H, W] in [0, 1], contiguous."""
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+    return x.to(torch.float32, memory_format=torch.contiguous_format).div_(255)
+
+
+def collate(samples: list[dict], skipped: dict[str, int]) -> dict:
+    return {
+        "lq": _tensor([s["lq"] for s in samples]),
+        "gt": _tensor([s["gt"] for s in samples]),
+        "task": [s["task"] for s in samples],
+        "label": [s["label"] for s in samples],
+        "key": [s["key"] for s in samples],
+        "skipped": skipped,
+    }
+
+
+def _init_worker(_: int) -> None:
+    cv2.setNumThreads(1)  # W workers x OpenCV's own thread pool would oversubscribe the cores
+
+
+def _as_is(batch: dict) -> dict:
+    """Batches are built in the worker; skip DataLoader's default_convert walk over the labels."""
+    return batch
+
+
+class StreamLoader:
+    """Iterable of batches; one `for` loop is one epoch of exactly `batches_per_epoch` batches."""
+
+    def __init__(self, cfg: StreamConfig, rank: int, world_size: int, restart: int) -> None:
+        self.dataset = ShardStream(cfg, rank, world_size, restart)
+        self.loader = wds.WebLoader(
+            self.dataset, batch_size=None, collate_fn=_as_is, num_workers=cfg.num_workers,
+            worker_init_fn=_init_worker, pin_memory=cfg.pin_memory,
+        ).with_epoch(cfg.batches_per_epoch)
+        self.batches_per_epoch = cfg.batches_per_epoch
+        self.epoch = 0  # next epoch to run; part of every worker's seed
+        self.skipped = {"shards": 0, "samples": 0}
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def __iter__(self) -> Iterator[dict]:
+        self.dataset.epoch = self.epoch  # workers start (fork or pickle) after this line
+        self.epoch += 1
+        for batch in self.loader:
+            for kind, n in batch["skipped"].items():
+                self.skipped[kind] += n
+            yield batch
+
+
+def make_loader(cfg: StreamConfig, rank: int = 0, world_size: int = 1, restart: int = 0) -> StreamLoader:
+    """The training stream of `rank` in a world of `world_size`; `restart` counts resumes."""
+    return StreamLoader(cfg, rank, world_size, restart)
