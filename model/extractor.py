@@ -1,0 +1,144 @@
+"""Degradation extractor D: image -> embedding that separates degradation type and intensity.
+
+The paper re-trains a DA-CLIP controller; CLIP weights cannot be downloaded here, so D is a timm
+backbone trained from scratch on the labels our shards carry. It only ever sees native-resolution
+crops (resizing erases noise); at inference it averages the embeddings of several seeded crops.
+Heads on the embedding: family logits (multi-label: mixtures have several), per-family intensity
+in [0, 1], and a normalised projection for a supervised contrastive loss over (type, intensity bin).
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import NamedTuple
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unirestorer.data_shards.degradations import FAMILIES
+
+
+class ExtractorOutput(NamedTuple):
+    embedding: torch.Tensor  # [B, D]: what the tree clusters and the router reads
+    family_logits: torch.Tensor  # [B, n_families], multi-label
+    intensity: torch.Tensor  # [B, n_families] in [0, 1]
+    projection: torch.Tensor  # [B, P], unit norm, for the contrastive loss only
+
+
+class ExtractorTargets(NamedTuple):
+    multi_hot: torch.Tensor  # [B, n_families] float 0/1
+    intensity: torch.Tensor  # [B, n_families] float, 0 where unknown
+    mask: torch.Tensor  # [B, n_families] float 1 where the intensity is known
+    class_ids: torch.Tensor  # [B] int64: same id <=> same set of (type, intensity bin)
+
+
+class DegradationExtractor(nn.Module):
+    def __init__(
+        self, backbone: str = "resnet10t", embed_dim: int = 256, proj_dim: int = 128, crop: int = 64, n_crops: int = 4
+    ) -> None:
+        super().__init__()
+        self.config = dict(backbone=backbone, embed_dim=embed_dim, proj_dim=proj_dim, crop=crop, n_crops=n_crops)
+        self.crop, self.n_crops = crop, n_crops
+        self.backbone = timm.create_model(backbone, pretrained=False, num_classes=0)
+        self.embed_head = nn.Linear(self.backbone.num_features, embed_dim)
+        self.family_head = nn.Linear(embed_dim, len(FAMILIES))
+        self.intensity_head = nn.Linear(embed_dim, len(FAMILIES))
+        self.projection = nn.Sequential(nn.Linear(embed_dim, embed_dim), nn.ReLU(), nn.Linear(embed_dim, proj_dim))
+
+    def forward(self, x: torch.Tensor) -> ExtractorOutput:
+        """x: B x 3 x h x w crops in [0, 1] (already cropped: no resizing happens here)."""
+        e = self.embed_head(self.backbone(x - 0.5))
+        return ExtractorOutput(
+            e, self.family_head(e), self.intensity_head(e).sigmoid(), F.normalize(self.projection(e), dim=-1)
+        )
+
+    @torch.no_grad()
+    def embed(
+        self, images: torch.Tensor | list[torch.Tensor], n_crops: int | None = None, crop: int | None = None,
+        seed: int = 0,
+    ) -> torch.Tensor:
+        """Images (B x 3 x H x W, or a list of 3 x H x W of any sizes) -> B x D, in eval mode.
+
+        Each image's embedding is the mean over `n_crops` crops at offsets drawn from `seed` and its
+        size only, so it does not depend on the batch it came in.
+        """
+        n, c = n_crops or self.n_crops, crop or self.crop
+        was_training = self.training
+        self.eval()
+        try:
+            if isinstance(images, torch.Tensor):
+                if images.dim() != 4 or images.shape[1] != 3:
+                    raise ValueError(f"embed expects B x 3 x H x W images, got shape {tuple(images.shape)}")
+                return self._embed_same_size(images, n, c, seed)
+            return torch.cat([self._embed_same_size(img.unsqueeze(0), n, c, seed) for img in images])
+        finally:
+            self.train(was_training)
+
+    def _embed_same_size(self, images: torch.Tensor, n: int, crop: int, seed: int) -> torch.Tensor:
+        h, w = images.shape[-2:]
+        ch, cw = min(crop, h), min(crop, w)
+        g = torch.Generator().manual_seed(seed)
+        ys = torch.randint(0, h - ch + 1, (n,), generator=g).tolist()
+        xs = torch.randint(0, w - cw + 1, (n,), generator=g).tolist()
+        crops = torch.cat([images[:, :, y : y + ch, x : x + cw] for y, x in zip(ys, xs)])  # [n*B, 3, ch, cw]
+        return self(crops).embedding.view(n, images.shape[0], -1).mean(0)
+
+
+def _intensity_bin(intensity: float | None, n_bins: int) -> str:
+    return "na" if intensity is None else str(min(int(intensity * n_bins), n_bins - 1))
+
+
+def extractor_targets(labels: list[dict], n_bins: int = 3) -> ExtractorTargets:
+    """Shard labels -> training targets. Real pairs may have intensity None: masked, binned as 'na'."""
+    n = len(labels)
+    multi_hot, intensity, mask = (torch.zeros(n, len(FAMILIES)) for _ in range(3))
+    class_ids = torch.zeros(n, dtype=torch.int64)
+    for i, label in enumerate(labels):
+        keys = []
+        for comp in label.get("components", []):
+            if comp.get("family") not in FAMILIES:
+                raise ValueError(f"label {i}: unknown degradation family {comp.get('family')!r}; expected {FAMILIES}")
+            f = FAMILIES.index(comp["family"])
+            multi_hot[i, f] = 1.0
+            if comp.get("intensity") is not None:
+                intensity[i, f] = max(intensity[i, f].item(), float(comp["intensity"]))
+                mask[i, f] = 1.0
+            keys.append(f"{comp.get('type', comp['family'])}@{_intensity_bin(comp.get('intensity'), n_bins)}")
+        key = "+".join(sorted(keys)) or "clean"
+        class_ids[i] = zlib.crc32(key.encode())  # stable across batches, ranks and runs
+    return ExtractorTargets(multi_hot, intensity, mask, class_ids)
+
+
+def supervised_contrastive(z: torch.Tensor, class_ids: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """SupCon (Khosla et al. 2020) on unit vectors z [B, P]; anchors without a positive are skipped."""
+    sim = z @ z.T / temperature
+    self_mask = torch.eye(len(z), dtype=torch.bool, device=z.device)
+    log_prob = sim - torch.logsumexp(sim.masked_fill(self_mask, float("-inf")), dim=1, keepdim=True)
+    positives = (class_ids[:, None] == class_ids[None, :]) & ~self_mask
+    n_pos = positives.sum(1)
+    has_pos = n_pos > 0
+    if not has_pos.any():
+        return sim.sum() * 0.0
+    mean_log_prob = (log_prob * positives).sum(1)[has_pos] / n_pos[has_pos]
+    return -mean_log_prob.mean()
+
+
+def extractor_loss(
+    out: ExtractorOutput, targets: ExtractorTargets, intensity_weight: float = 1.0, contrastive_weight: float = 1.0,
+    temperature: float = 0.1,
+) -> dict[str, torch.Tensor]:
+    """BCE on families + masked L1 on intensity + supervised contrastive on the projection."""
+    t = ExtractorTargets(*(v.to(out.embedding.device) for v in targets))
+    family = F.binary_cross_entropy_with_logits(out.family_logits, t.multi_hot)
+    intensity = (F.l1_loss(out.intensity, t.intensity, reduction="none") * t.mask).sum() / t.mask.sum().clamp_min(1)
+    contrastive = supervised_contrastive(out.projection, t.class_ids, temperature)
+    loss = family + intensity_weight * intensity + contrastive_weight * contrastive
+    return {"loss": loss, "family": family, "intensity": intensity, "contrastive": contrastive}
+
+
+@torch.no_grad()
+def family_accuracy(family_logits: torch.Tensor, multi_hot: torch.Tensor) -> float:
+    """Share of images whose predicted family set (sigmoid > 0.5) is exactly the true set."""
+    return ((family_logits > 0) == multi_hot.bool()).all(dim=1).float().mean().item()

@@ -1,0 +1,210 @@
+"""Multi-granularity router (DESIGN §1.4): pick one expert per image from its degradation embedding.
+
+`H_d` maps the embedding towards its leaf centroid, `H_g` to a log-variance; `G_d` scores leaves,
+`G_g` scores levels. The leaf k* and level t* are argmaxes; the expert is the node at level t* on
+the root→k* path. `gate` keeps the expert's output value exact while L1 reaches the gates through
+g = p_leaf[k*] + p_level[t*]. Everything after the two heads is the pure function `select`, so the
+single-process model and the expert-parallel placement route identically for the same weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .tree import DegradationTree
+
+TaskArg = str | Sequence[str | None] | Tensor | None  # one task for the batch, one per image, or indices
+
+
+@dataclass
+class Route:
+    """Per-image routing decision; all tensors have batch dimension B first."""
+
+    node: Tensor  # [B] global node id of the chosen expert
+    leaf: Tensor  # [B] k*, index among leaves
+    level: Tensor  # [B] t*, 0 = root
+    g: Tensor  # [B] p_leaf[k*] + p_level[t*], carries the gradient to the gates
+    p_leaf: Tensor  # [B, n_leaves]
+    p_level: Tensor  # [B, n_levels]
+    leaf_logits: Tensor  # [B, n_leaves] after noise and masks
+    level_logits: Tensor  # [B, n_levels]
+    e_d: Tensor | None = None  # [B, d] centroid estimate
+    e_g: Tensor | None = None  # [B, d] log-variance
+
+
+def _head(dim: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for _ in range(4):
+        layers += [nn.Linear(dim, dim, bias=False), nn.LeakyReLU(0.1)]
+    return nn.Sequential(*layers, nn.Linear(dim, dim), nn.BatchNorm1d(dim))
+
+
+def select(
+    leaf_logits: Tensor, level_logits: Tensor, leaf_paths: Tensor,
+    leaf_mask: Tensor | None = None, node_mask: Tensor | None = None,
+) -> Route:
+    """The selection rule on (possibly noisy) logits; masks are True where allowed.
+
+    leaf_mask [B, n_leaves] restricts k*; node_mask [B, n_nodes] restricts t* to the levels whose
+    node on the root→k* path is allowed (so the level mask follows the chosen leaf).
+    """
+    if leaf_mask is not None:
+        leaf_logits = leaf_logits.masked_fill(~leaf_mask, float("-inf"))
+    p_leaf = leaf_logits.softmax(-1)
+    leaf = p_leaf.argmax(-1)
+    paths = leaf_paths[leaf]  # [B, n_levels]
+    if node_mask is not None:
+        level_logits = level_logits.masked_fill(~node_mask.gather(1, paths), float("-inf"))
+    p_level = level_logits.softmax(-1)
+    level = p_level.argmax(-1)
+    g = p_leaf.gather(1, leaf[:, None]).squeeze(1) + p_level.gather(1, level[:, None]).squeeze(1)
+    node = paths.gather(1, level[:, None]).squeeze(1)
+    return Route(node, leaf, level, g, p_leaf, p_level, leaf_logits, level_logits)
+
+
+def gate(expert_out: Tensor, g: Tensor) -> Tensor:
+    """y = E(x)·g/stopgrad(g): the value is exactly E(x), the gradient flows into g."""
+    return expert_out * (g / g.detach()).view(-1, *([1] * (expert_out.ndim - 1)))
+
+
+def dg_loss(e_d: Tensor, e_g: Tensor, u: Tensor) -> Tensor:
+    """Gaussian NLL of the leaf centroid u under mean e_d and log-variance e_g."""
+    return (0.5 * torch.exp(-e_g) * (u - e_d).pow(2) + 0.5 * e_g).mean()
+
+
+def cv_squared(p_level: Tensor) -> Tensor:
+    """Squared coefficient of variation of the batch-summed level probabilities (load balance)."""
+    importance = p_level.sum(0).float()
+    if importance.numel() < 2:
+        return importance.new_zeros(())
+    return importance.var() / (importance.mean().pow(2) + 1e-10)
+
+
+def total_loss(l1: Tensor, l_dg: Tensor, l_aux: Tensor, w_dg: float = 0.1, w_aux: float = 0.01) -> Tensor:
+    return l1 + w_dg * l_dg + w_aux * l_aux
+
+
+def best_level(errors: Tensor) -> Tensor:
+    """Target level per image from the frozen experts' errors [B, n_levels]; ties go to the coarser."""
+    return errors.argmin(1)
+
+
+def instruction_masks(tree: DegradationTree) -> tuple[Tensor, Tensor]:
+    """Per task: allowed leaves [T, n_leaves] and allowed nodes [T, n_nodes].
+
+    A task's subtree is the set of nodes whose samples are mostly that task (`dominant_task`).
+    Allowed leaves: the subtree's leaves; allowed nodes: root + subtree. A task that dominates no
+    leaf falls back to the root expert (all leaves allowed for k*, only the root for t*).
+    """
+    dom = tree.dominant_task()
+    leaves = tree.leaf_ids
+    leaf_mask = torch.zeros(len(tree.task_names), len(leaves), dtype=torch.bool)
+    node_mask = torch.zeros(len(tree.task_names), tree.n_nodes, dtype=torch.bool)
+    for t in range(len(tree.task_names)):
+        owned = dom == t
+        node_mask[t] = owned
+        node_mask[t, 0] = True
+        leaf_mask[t] = owned[leaves]
+        if not leaf_mask[t].any():
+            leaf_mask[t] = True
+            node_mask[t] = False
+            node_mask[t, 0] = True
+    return leaf_mask, node_mask
+
+
+class Router(nn.Module):
+    """H_d, H_g, G_d, G_g plus the tree lookups the selection needs (as buffers)."""
+
+    def __init__(
+        self, dim: int, n_leaves: int, n_levels: int, n_nodes: int, task_names: Sequence[str] = (), *,
+        noisy: bool = True, leaf_ce_weight: float = 0.0, level_ce_weight: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.config = dict(dim=dim, n_leaves=n_leaves, n_levels=n_levels, n_nodes=n_nodes,
+                           task_names=list(task_names), noisy=noisy,
+                           leaf_ce_weight=leaf_ce_weight, level_ce_weight=level_ce_weight)
+        self.task_names = list(task_names)
+        self.h_d, self.h_g = _head(dim), _head(dim)
+        self.g_d = nn.Linear(dim, 2 * n_leaves)
+        self.g_g = nn.Linear(dim, 2 * n_levels)
+        for lin in (self.g_d, self.g_g):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+        # filled by from_tree, or by load_state_dict when rebuilt from a bundle
+        self.register_buffer("leaf_paths", torch.zeros(n_leaves, n_levels, dtype=torch.long))
+        self.register_buffer("task_leaf_mask", torch.ones(len(task_names), n_leaves, dtype=torch.bool))
+        self.register_buffer("task_node_mask", torch.ones(len(task_names), n_nodes, dtype=torch.bool))
+
+    @classmethod
+    def from_tree(cls, tree: DegradationTree, dim: int | None = None, **flags) -> "Router":
+        dim = dim or tree.centroids.shape[1]
+        router = cls(dim, len(tree.leaf_ids), tree.n_levels, tree.n_nodes, tree.task_names, **flags)
+        router.leaf_paths.copy_(tree.leaf_paths())
+        leaf_mask, node_mask = instruction_masks(tree)
+        router.task_leaf_mask.copy_(leaf_mask)
+        router.task_node_mask.copy_(node_mask)
+        return router
+
+    def _logits(self, out: Tensor) -> Tensor:
+        clean, raw = out.chunk(2, dim=-1)
+        if self.training and self.config["noisy"]:
+            return clean + torch.randn_like(clean) * (F.softplus(raw) + 0.01)
+        return clean
+
+    def task_index(self, task: TaskArg, batch: int) -> Tensor | None:
+        """Task per image as indices (-1 = none) from a name, a list of names/None, or indices."""
+        if task is None:
+            return None
+        names = [task] * batch if isinstance(task, str) else task
+        if len(names) != batch:
+            raise ValueError(f"{len(names)} tasks for a batch of {batch}")
+        if isinstance(names, Tensor):
+            if names.min() < -1 or names.max() >= len(self.task_names):
+                raise ValueError(f"task indices must be in -1..{len(self.task_names) - 1}, got {names.tolist()}")
+            return names.long().to(self.leaf_paths.device)
+        unknown = sorted({n for n in names if n is not None and n not in self.task_names})
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; this tree knows {self.task_names}")
+        idx = [-1 if n is None else self.task_names.index(n) for n in names]
+        return torch.tensor(idx, dtype=torch.long, device=self.leaf_paths.device)
+
+    def route(self, embedding: Tensor, task: TaskArg = None) -> Route:
+        """Embedding [B, d] → Route; `task` turns on instruction mode for those images."""
+        e_d, e_g = self.h_d(embedding), self.h_g(embedding)
+        leaf_logits, level_logits = self._logits(self.g_d(e_d)), self._logits(self.g_g(e_g))
+        leaf_mask = node_mask = None
+        t = self.task_index(task, len(embedding))
+        if t is not None:
+            on = (t >= 0)[:, None]
+            leaf_mask = torch.where(on, self.task_leaf_mask[t.clamp_min(0)], True)
+            node_mask = torch.where(on, self.task_node_mask[t.clamp_min(0)], True)
+        r = select(leaf_logits, level_logits, self.leaf_paths, leaf_mask, node_mask)
+        r.e_d, r.e_g = e_d, e_g
+        return r
+
+    forward = route
+
+    def loss(
+        self, route: Route, l1: Tensor, u: Tensor,
+        leaf_target: Tensor | None = None, level_target: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Paper loss L1 + 0.1·L_dg + 0.01·L_aux, plus the optional CE supervision when enabled."""
+        assert route.e_d is not None and route.e_g is not None, "route() output needed (has e_d, e_g)"
+        parts = {"l1": l1, "dg": dg_loss(route.e_d, route.e_g, u), "aux": cv_squared(route.p_level)}
+        total = total_loss(l1, parts["dg"], parts["aux"])
+        if self.config["leaf_ce_weight"] > 0:
+            if leaf_target is None:
+                raise ValueError("leaf_ce_weight > 0 needs leaf_target (the k-means leaf index)")
+            parts["leaf_ce"] = F.cross_entropy(route.leaf_logits, leaf_target)
+            total = total + self.config["leaf_ce_weight"] * parts["leaf_ce"]
+        if self.config["level_ce_weight"] > 0:
+            if level_target is None:
+                raise ValueError("level_ce_weight > 0 needs level_target (see best_level)")
+            parts["level_ce"] = F.cross_entropy(route.level_logits, level_target)
+            total = total + self.config["level_ce_weight"] * parts["level_ce"]
+        return total, parts

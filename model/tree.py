@@ -1,0 +1,374 @@
+"""Degradation tree: recursive k-means over degradation embeddings (DESIGN §1.2).
+
+Nodes carry global ids in breadth-first order: root = 0, level-1 nodes 1..n1 (grouped by parent,
+children of a parent sorted by size, largest first), then level-2 nodes, and so on. Everything runs
+in torch on the embeddings' device, in chunks over points, so millions of embeddings fit a GPU.
+
+The per-level spec `k` has one entry per level, the first must be 1 (the root):
+  - an int: the *total* number of nodes at that level (paper style `[1, 7, 19]`), spread over the
+    parents in proportion to their sample counts (at least one child each, largest remainder);
+  - a list of ints: the number of children of every parent, in parent id order;
+  - None or an `AutoK`: each parent picks its k from the data (silhouette on a sample, within
+    bounds, with a minimum cluster size; a parent that does not split well keeps one child, a copy
+    of itself). None uses `fit`'s `auto` argument, an `AutoK` entry sets that level's own bounds.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+CHUNK = 65536  # points per distance block: bounds memory at CHUNK x k distances
+
+
+@dataclass(frozen=True)
+class AutoK:
+    """Bounds for choosing a parent's k from the data."""
+
+    k_min: int = 2
+    k_max: int = 8
+    min_cluster_size: int = 8
+    min_silhouette: float = 0.25  # below this the parent is not split (keeps one child)
+    sample: int = 2048  # points used for the silhouette score
+
+
+KSpec = Sequence[int | Sequence[int] | AutoK | None]  # one entry per level, see the module docstring
+
+
+def check_finite(x: Tensor, what: str = "embeddings") -> None:
+    bad = ~torch.isfinite(x)
+    if bad.any():
+        raise ValueError(
+            f"{what} contain {int(bad.sum())} non-finite values (NaN/Inf) "
+            f"in {int(bad.any(dim=1).sum())} of {len(x)} rows"
+        )
+
+
+def sq_dists(x: Tensor, x_sq: Tensor, c: Tensor) -> Tensor:
+    """[n, k] squared distances as |x|^2 - 2x.c + |c|^2: one matmul (the fast path on CPU and GPU).
+
+    Callers centre x first (k-means subtracts the mean) so that the expansion keeps its precision.
+    """
+    return torch.addmm(x_sq[:, None], x, c.T, alpha=-2).add_(c.pow(2).sum(1)).clamp_min_(0)
+
+
+def _nearest(x: Tensor, x_sq: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """Index of and squared distance to the nearest row of c, for every row of x (chunked)."""
+    labels, d2 = [], []
+    for s in range(0, len(x), CHUNK):
+        m = sq_dists(x[s : s + CHUNK], x_sq[s : s + CHUNK], c).min(dim=1)
+        labels.append(m.indices)
+        d2.append(m.values)
+    return torch.cat(labels), torch.cat(d2)
+
+
+def _kmeanspp(x: Tensor, x_sq: Tensor, k: int, gen: torch.Generator, node: str) -> Tensor:
+    """k-means++ seeding: each new centre drawn with probability proportional to D^2.
+
+    Distances within float rounding of zero count as zero, so duplicate points are never drawn twice.
+    """
+
+    def dist_to(i: Tensor) -> Tensor:
+        d = (x_sq - 2 * (x @ x[i].squeeze(0)) + x_sq[i]).clamp_min_(0)
+        return d.masked_fill_(d <= 1e-6 * (x_sq + x_sq[i]), 0.0)
+
+    first = torch.randint(len(x), (1,), generator=gen, device=x.device)
+    centres, d2 = [first], dist_to(first)
+    for _ in range(1, k):
+        cum = d2.double().cumsum(0)
+        if cum[-1] <= 0:
+            distinct = len(torch.unique(x, dim=0))
+            raise ValueError(
+                f"{node}: only {distinct} distinct points among {len(x)} for k={k}: "
+                "duplicate embeddings make that many clusters impossible"
+            )
+        r = torch.rand(1, generator=gen, device=x.device, dtype=torch.float64) * cum[-1]
+        i = torch.searchsorted(cum, r, right=True).clamp_max(len(x) - 1)
+        centres.append(i)
+        d2 = torch.minimum(d2, dist_to(i))
+    return x[torch.cat(centres)]
+
+
+def kmeans(
+    x: Tensor, k: int, *, seed: int = 0, restarts: int = 4, iters: int = 100, tol: float = 1e-6,
+    node: str = "k-means",
+) -> tuple[Tensor, Tensor, float]:
+    """Lloyd's k-means with k-means++ seeding and restarts; returns (centroids, labels, inertia).
+
+    Deterministic for a seed on CPU. An emptied cluster is re-seeded at the farthest point.
+    """
+    x = x.float()
+    check_finite(x, f"{node}: embeddings")
+    if len(x) < k:
+        raise ValueError(f"{node}: {len(x)} points are fewer than the k={k} clusters asked for")
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    mean = x.mean(0)
+    x = x - mean
+    x_sq = x.pow(2).sum(1)
+    scale = x_sq.mean().clamp_min(1e-12)
+    best: tuple[Tensor, Tensor, float] | None = None
+    for _ in range(restarts):
+        c = _kmeanspp(x, x_sq, k, gen, node)
+        for _ in range(iters):
+            labels, d2 = _nearest(x, x_sq, c)
+            counts = torch.bincount(labels, minlength=k)
+            sums = torch.zeros_like(c).index_add_(0, labels, x)
+            empty = counts == 0
+            if empty.any():
+                far = d2.topk(int(empty.sum())).indices
+                sums[empty], counts[empty] = x[far], 1
+            new = sums / counts[:, None]
+            shift = (new - c).pow(2).sum(1).max()
+            c = new
+            if shift <= tol * scale:
+                break
+        labels, d2 = _nearest(x, x_sq, c)
+        inertia = float(d2.sum())
+        if best is None or inertia < best[2]:
+            best = (c + mean, labels, inertia)
+    assert best is not None
+    return best
+
+
+def silhouette(x: Tensor, labels: Tensor) -> float:
+    """Mean silhouette coefficient (0 for singleton clusters), O(n^2): pass a sample."""
+    k = int(labels.max()) + 1
+    d = torch.cdist(x, x)
+    onehot = torch.nn.functional.one_hot(labels, k).to(d.dtype)
+    counts = onehot.sum(0)
+    sums = d @ onehot  # [n, k]: summed distance from each point to each cluster
+    own = counts[labels]
+    a = sums.gather(1, labels[:, None]).squeeze(1) / (own - 1).clamp_min(1)
+    b = (sums / counts.clamp_min(1)).masked_fill(onehot.bool() | (counts == 0), float("inf")).min(1).values
+    s = (b - a) / torch.maximum(a, b).clamp_min(1e-12)
+    return float(s.masked_fill(own <= 1, 0.0).mean())
+
+
+def _auto_k(x: Tensor, auto: AutoK, seed: int, node: str) -> tuple[Tensor, Tensor]:
+    """Best-silhouette clustering within bounds; one cluster when nothing splits well."""
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    sample = torch.randperm(len(x), generator=gen, device=x.device)[: auto.sample]
+    best: tuple[float, Tensor, Tensor] | None = None
+    distinct = len(torch.unique(x, dim=0))
+    for k in range(auto.k_min, min(auto.k_max, distinct) + 1):
+        if len(x) < k * auto.min_cluster_size:
+            break
+        c, labels, _ = kmeans(x, k, seed=seed, node=node)
+        if torch.bincount(labels, minlength=k).min() < auto.min_cluster_size:
+            continue
+        score = silhouette(x[sample], labels[sample])
+        if score >= auto.min_silhouette and (best is None or score > best[0]):
+            best = (score, c, labels)
+    if best is None:
+        return x.mean(0, keepdim=True), torch.zeros(len(x), dtype=torch.long, device=x.device)
+    return best[1], best[2]
+
+
+def _split_total(total: int, counts: list[int], level: int) -> list[int]:
+    """Spread `total` children over parents in proportion to their counts, at least one each."""
+    if total < len(counts):
+        raise ValueError(f"level {level}: total k={total} is fewer than its {len(counts)} parents")
+    share = torch.tensor(counts, dtype=torch.float64) * (total - len(counts)) / max(sum(counts), 1)
+    ks = share.floor().long()
+    rest = total - len(counts) - int(ks.sum())
+    ks[torch.argsort(share - ks, descending=True, stable=True)[:rest]] += 1
+    return [1 + int(v) for v in ks]
+
+
+class DegradationTree:
+    """Centroids, parent links, counts and task composition of every node; maps embeddings to paths."""
+
+    def __init__(
+        self, centroids: Tensor, parents: Sequence[int], level_sizes: Sequence[int],
+        counts: Sequence[int], task_names: Sequence[str], task_counts: Tensor,
+    ) -> None:
+        n = sum(level_sizes)
+        if level_sizes[0] != 1 or len(parents) != n or len(counts) != n or centroids.shape[0] != n:
+            raise ValueError(f"inconsistent tree: level_sizes {list(level_sizes)}, {len(parents)} parents, "
+                             f"{len(counts)} counts, {centroids.shape[0]} centroids")
+        if task_counts.shape != (n, len(task_names)):
+            raise ValueError(f"task_counts shape {tuple(task_counts.shape)} != ({n}, {len(task_names)})")
+        self.centroids = centroids.float()
+        self.parents = torch.tensor(list(parents), dtype=torch.long)
+        self.level_sizes = [int(s) for s in level_sizes]
+        self.counts = torch.tensor(list(counts), dtype=torch.long)
+        self.task_names = list(task_names)
+        self.task_counts = task_counts.long()
+        self.level_starts = [sum(self.level_sizes[:l]) for l in range(len(self.level_sizes))]
+
+    # ---- building -------------------------------------------------------------------------
+    @classmethod
+    def fit(
+        cls, embeddings: Tensor, k: KSpec = (1, None, None), *, tasks: Sequence[str] | None = None,
+        auto: AutoK = AutoK(), seed: int = 0, restarts: int = 4,
+    ) -> "DegradationTree":
+        """Recursive k-means: every node at level l-1 is split into its children at level l.
+
+        `tasks` (one name per embedding, e.g. the shard's task) fills the task composition.
+        """
+        x = embeddings.detach().float()
+        check_finite(x)
+        if tasks is not None and len(tasks) != len(x):
+            raise ValueError(f"{len(tasks)} task labels for {len(x)} embeddings")
+        if len(k) < 1 or k[0] != 1:
+            raise ValueError(f"k spec {list(k)!r}: level 0 must be exactly 1 (the root)")
+        groups = [torch.arange(len(x), device=x.device)]  # member indices of each node at this level
+        centroids, parents, sizes = [x.mean(0, keepdim=True)], [-1], [1]
+        for level, spec in enumerate(k[1:], start=1):
+            first_parent = len(parents) - len(groups)
+            if isinstance(spec, int):
+                ks: list[int | None] = list(_split_total(spec, [len(g) for g in groups], level))
+            elif spec is None or isinstance(spec, AutoK):
+                ks = [None] * len(groups)
+                level_auto = spec or auto
+            else:
+                ks = [int(v) for v in spec]
+                if len(ks) != len(groups):
+                    raise ValueError(f"level {level}: {len(ks)} k values for {len(groups)} parents")
+            new_groups = []
+            for j, (members, kj) in enumerate(zip(groups, ks)):
+                node = f"node {first_parent + j} (level {level - 1})"
+                xs = x[members]
+                if kj is None:
+                    c, labels = _auto_k(xs, level_auto, seed + first_parent + j, node)
+                else:
+                    c, labels, _ = kmeans(xs, kj, seed=seed + first_parent + j, restarts=restarts, node=node)
+                order = torch.argsort(-torch.bincount(labels, minlength=len(c)), stable=True)
+                for ci in order.tolist():
+                    centroids.append(c[ci : ci + 1])
+                    parents.append(first_parent + j)
+                    new_groups.append(members[labels == ci])
+            sizes.append(len(new_groups))
+            groups = new_groups
+        task_names = sorted(set(tasks)) if tasks is not None else []
+        tree = cls(torch.cat(centroids).cpu(), parents, sizes, [0] * sum(sizes), task_names,
+                   torch.zeros(sum(sizes), len(task_names), dtype=torch.long))
+        tree.update_counts(x, tasks)
+        return tree
+
+    def update_counts(self, embeddings: Tensor, tasks: Sequence[str] | None = None) -> None:
+        """Recount samples (and their tasks) per node by routing them with `path`, as restore does."""
+        paths = self.path(embeddings).cpu()
+        n = len(self.parents)
+        self.counts = torch.bincount(paths.flatten(), minlength=n)
+        self.task_counts = torch.zeros(n, len(self.task_names), dtype=torch.long)
+        if tasks is not None:
+            if len(tasks) != len(paths):
+                raise ValueError(f"{len(tasks)} task labels for {len(paths)} embeddings")
+            unknown = sorted(set(tasks) - set(self.task_names))
+            if unknown:
+                raise ValueError(f"unknown task(s) {unknown[:5]}; this tree knows {self.task_names}")
+            index = {t: i for i, t in enumerate(self.task_names)}
+            t = torch.tensor([index[s] for s in tasks], dtype=torch.long)
+            flat = paths * len(self.task_names) + t[:, None]
+            self.task_counts = torch.bincount(flat.flatten(), minlength=n * len(self.task_names)).view(n, -1)
+
+    # ---- structure --------------------------------------------------------------------------
+    @property
+    def n_levels(self) -> int:
+        return len(self.level_sizes)
+
+    @property
+    def n_nodes(self) -> int:
+        return len(self.parents)
+
+    @property
+    def leaf_ids(self) -> Tensor:
+        return torch.arange(self.level_starts[-1], self.n_nodes)
+
+    def level_of(self, node_id: int) -> int:
+        self._check_node(node_id)
+        return max(l for l, s in enumerate(self.level_starts) if s <= node_id)
+
+    def leaf_index(self, node_id: int) -> int:
+        """Position of a leaf among the leaves (0..n_leaves-1)."""
+        if self.level_of(node_id) != self.n_levels - 1:
+            raise ValueError(f"node {node_id} is not a leaf (leaves are {self.level_starts[-1]}..{self.n_nodes - 1})")
+        return node_id - self.level_starts[-1]
+
+    def ancestors(self, node_id: int) -> list[int]:
+        """Ids from the root down to the node's parent (empty for the root)."""
+        self._check_node(node_id)
+        out, p = [], int(self.parents[node_id])
+        while p >= 0:
+            out.append(p)
+            p = int(self.parents[p])
+        return out[::-1]
+
+    def leaf_paths(self) -> Tensor:
+        """LongTensor[n_leaves, n_levels]: root→leaf node ids of every leaf."""
+        return torch.tensor([self.ancestors(int(i)) + [int(i)] for i in self.leaf_ids], dtype=torch.long)
+
+    def dominant_task(self) -> Tensor:
+        """Index of each node's majority task, -1 for nodes with no labelled samples."""
+        if not self.task_names:
+            return torch.full((self.n_nodes,), -1, dtype=torch.long)
+        return self.task_counts.argmax(1).masked_fill(self.task_counts.sum(1) == 0, -1)
+
+    def composition(self, node_id: int) -> dict[str, int]:
+        self._check_node(node_id)
+        return {t: int(c) for t, c in zip(self.task_names, self.task_counts[node_id]) if c > 0}
+
+    def _check_node(self, node_id: int) -> None:
+        if not 0 <= node_id < self.n_nodes:
+            raise ValueError(f"node id {node_id} out of range 0..{self.n_nodes - 1}")
+
+    # ---- routing ----------------------------------------------------------------------------
+    def path(self, embeddings: Tensor) -> Tensor:
+        """LongTensor[B, n_levels]: nearest centroid at each level among the chosen parent's children."""
+        x = embeddings.detach().float()
+        check_finite(x)
+        if x.ndim != 2 or x.shape[1] != self.centroids.shape[1]:
+            raise ValueError(f"embeddings shape {tuple(x.shape)}, tree expects [B, {self.centroids.shape[1]}]")
+        origin = self.centroids[0].to(x.device)  # the data mean: centring keeps sq_dists precise
+        x = x - origin
+        x_sq = x.pow(2).sum(1)
+        cent, parents = self.centroids.to(x.device) - origin, self.parents.to(x.device)
+        node = torch.zeros(len(x), dtype=torch.long, device=x.device)
+        out = [node]
+        for l in range(1, self.n_levels):
+            ids = torch.arange(self.level_starts[l], self.level_starts[l] + self.level_sizes[l], device=x.device)
+            picks = []
+            for s in range(0, len(x), CHUNK):
+                d = sq_dists(x[s : s + CHUNK], x_sq[s : s + CHUNK], cent[ids])
+                d = d.masked_fill(parents[ids][None, :] != node[s : s + CHUNK, None], float("inf"))
+                picks.append(ids[d.argmin(1)])
+            node = torch.cat(picks)
+            out.append(node)
+        return torch.stack(out, dim=1)
+
+    # ---- persistence ------------------------------------------------------------------------
+    def to_state(self) -> tuple[dict, dict[str, Tensor]]:
+        """(JSON-able structure, tensors) — shared by `save` and the model bundle."""
+        meta = {"level_sizes": self.level_sizes, "parents": self.parents.tolist(), "counts": self.counts.tolist(),
+                "task_names": self.task_names, "task_counts": self.task_counts.tolist()}
+        return meta, {"centroids": self.centroids.contiguous()}
+
+    @classmethod
+    def from_state(cls, meta: dict, tensors: dict[str, Tensor], source: str = "tree") -> "DegradationTree":
+        try:
+            names = meta["task_names"]
+            tc = torch.tensor(meta["task_counts"], dtype=torch.long).view(len(meta["parents"]), len(names))
+            return cls(tensors["centroids"], meta["parents"], meta["level_sizes"], meta["counts"], names, tc)
+        except (KeyError, ValueError, RuntimeError) as err:
+            raise ValueError(f"{source}: not a valid degradation tree ({type(err).__name__}: {err})") from err
+
+    def save(self, directory: str | Path) -> None:
+        """Writes tree.json (structure) and tree.safetensors (centroids)."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        meta, tensors = self.to_state()
+        save_file(tensors, str(d / "tree.safetensors"))
+        (d / "tree.json").write_text(json.dumps(meta))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "DegradationTree":
+        d = Path(directory)
+        meta = json.loads((d / "tree.json").read_text())
+        return cls.from_state(meta, load_file(str(d / "tree.safetensors")), source=str(d))

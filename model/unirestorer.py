@@ -1,0 +1,183 @@
+"""UniRestorer, single process: extractor → router → one expert per image (DESIGN §1).
+
+The expert pool is a plain mapping node id → expert. The routing decision is `Router.route` and the
+per-image expert call is `dispatch`, so an expert-parallel placement that uses the same two pieces
+gives the same outputs for the same weights. A bundle is one safetensors file + one JSON (no pickle).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .experts import create_expert
+from .extractor import DegradationExtractor
+from .lora import plain_state_dict
+from .router import Route, Router, TaskArg, best_level, gate
+from .tree import DegradationTree
+
+BUNDLE_FORMAT = "unirestorer-bundle/1"
+WEIGHTS, CONFIG = "weights.safetensors", "bundle.json"
+
+
+def dispatch(x: Tensor, nodes: Tensor, experts: Mapping[int, Callable[[Tensor], Tensor]]) -> Tensor:
+    """Run each image through the expert of its node, one call per distinct node, in batch order."""
+    order, parts = [], []
+    for n in nodes.unique().tolist():
+        idx = (nodes == n).nonzero().squeeze(1)
+        parts.append(experts[n](x[idx]))
+        order.append(idx)
+    return torch.cat(parts)[torch.argsort(torch.cat(order))]
+
+
+class UniRestorer(nn.Module):
+    """Frozen extractor and experts, trainable router; `restore` for inference, `router_loss` to train."""
+
+    def __init__(
+        self, extractor: nn.Module, tree: DegradationTree, router: Router, experts: Mapping[int, nn.Module], *,
+        expert_specs: Mapping[int, dict] | None = None, extractor_config: dict | None = None,
+    ) -> None:
+        super().__init__()
+        missing = sorted(set(range(tree.n_nodes)) - {int(k) for k in experts})
+        if missing:
+            raise ValueError(f"no expert for tree node(s) {missing} (tree has {tree.n_nodes} nodes)")
+        if router.config["n_nodes"] != tree.n_nodes or router.config["n_levels"] != tree.n_levels:
+            raise ValueError(f"router built for {router.config['n_nodes']} nodes / {router.config['n_levels']} "
+                             f"levels, tree has {tree.n_nodes} / {tree.n_levels}")
+        self.extractor, self.tree, self.router = extractor, tree, router
+        self.experts = nn.ModuleDict({str(int(k)): v for k, v in sorted(experts.items())})
+        self.expert_specs = {int(k): dict(v) for k, v in (expert_specs or {}).items()}
+        self.extractor_config = extractor_config or getattr(extractor, "config", None)
+
+    def expert(self, node_id: int) -> nn.Module:
+        return self.experts[str(node_id)]
+
+    def _pool(self) -> dict[int, nn.Module]:
+        return {int(k): v for k, v in self.experts.items()}
+
+    def embed(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self.extractor.embed(x)
+
+    def train(self, mode: bool = True) -> "UniRestorer":
+        """Only the router trains: the frozen extractor and experts stay in eval mode."""
+        super().train(mode)
+        self.extractor.eval()
+        self.experts.eval()
+        return self
+
+    def forward(self, x: Tensor, task: TaskArg = None, embedding: Tensor | None = None) -> tuple[Tensor, Route]:
+        """Gated output E(x)·g/stopgrad(g): equal to the chosen expert's output, differentiable in g."""
+        route = self.router.route(self.embed(x) if embedding is None else embedding, task)
+        with torch.no_grad():
+            out = dispatch(x, route.node, self._pool())
+        return gate(out, route.g), route
+
+    def level_errors(self, x: Tensor, gt: Tensor, paths: Tensor) -> Tensor:
+        """[B, n_levels] mean L1 of the frozen experts on each image's own root→leaf path."""
+        with torch.no_grad():
+            return torch.stack([(dispatch(x, paths[:, l], self._pool()) - gt).abs().flatten(1).mean(1)
+                                for l in range(paths.shape[1])], dim=1)
+
+    def router_loss(self, x: Tensor, gt: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """One router training step's loss: L1 + 0.1·L_dg + 0.01·L_aux (+ optional supervision)."""
+        e = self.embed(x)
+        y, route = self(x, embedding=e)
+        l1 = F.l1_loss(y, gt)
+        paths = self.tree.path(e).to(e.device)
+        u = self.tree.centroids.to(e)[paths[:, -1]]
+        leaf_target = paths[:, -1] - self.tree.level_starts[-1] if self.router.config["leaf_ce_weight"] > 0 else None
+        level_target = (best_level(self.level_errors(x, gt, paths))
+                        if self.router.config["level_ce_weight"] > 0 else None)
+        return self.router.loss(route, l1, u, leaf_target, level_target)
+
+    @torch.no_grad()
+    def restore(self, image: Tensor, task: TaskArg = None) -> tuple[Tensor, Any]:
+        """Image [3,H,W] or batch [B,3,H,W] in [0,1] → (restored, route description per image)."""
+        if image.ndim not in (3, 4) or image.shape[-3] != 3:
+            raise ValueError(f"restore expects [3,H,W] or [B,3,H,W] RGB, got shape {tuple(image.shape)}")
+        single = image.ndim == 3
+        x = image[None] if single else image
+        was_training = self.training
+        self.eval()
+        try:
+            route = self.router.route(self.extractor.embed(x), task)
+            y = dispatch(x, route.node, self._pool())
+        finally:
+            self.train(was_training)
+        info = [self.describe(route, i) for i in range(len(x))]
+        return (y[0], info[0]) if single else (y, info)
+
+    def describe(self, route: Route, i: int, top: int = 3) -> dict:
+        """Human-readable route of image i: level, node, its task composition, top probabilities."""
+        node, leaf0 = int(route.node[i]), self.tree.level_starts[-1]
+        p, leaves = route.p_leaf[i].topk(min(top, route.p_leaf.shape[1]))
+        return {
+            "level": int(route.level[i]), "node": node, "leaf": leaf0 + int(route.leaf[i]),
+            "composition": self.tree.composition(node),
+            "top_leaves": {leaf0 + int(k): float(v) for k, v in zip(leaves, p)},
+            "p_level": [float(v) for v in route.p_level[i]],
+        }
+
+    # ---- bundle ---------------------------------------------------------------------------------
+    def save_bundle(self, directory: str | Path) -> None:
+        """weights.safetensors (extractor, router, tree centroids, experts with LoRA merged) + bundle.json."""
+        if self.extractor_config is None:
+            raise ValueError("save_bundle needs extractor_config (the extractor's constructor kwargs)")
+        absent = sorted(set(range(self.tree.n_nodes)) - set(self.expert_specs))
+        if absent:
+            raise ValueError(f"save_bundle needs expert_specs (name, preset, overrides) for node(s) {absent}")
+        tree_meta, tree_tensors = self.tree.to_state()
+        tensors = {f"tree.{k}": v for k, v in tree_tensors.items()}
+        tensors |= {f"extractor.{k}": v for k, v in self.extractor.state_dict().items()}
+        tensors |= {f"router.{k}": v for k, v in self.router.state_dict().items()}
+        for node, expert in self._pool().items():
+            tensors |= {f"experts.{node}.{k}": v for k, v in plain_state_dict(expert).items()}
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        # copies: safetensors refuses tensors that share memory (tied or shared LoRA base weights)
+        save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}, str(d / WEIGHTS))
+        config = {"format": BUNDLE_FORMAT, "extractor": self.extractor_config, "router": self.router.config,
+                  "experts": {str(k): v for k, v in sorted(self.expert_specs.items())}, "tree": tree_meta}
+        (d / CONFIG).write_text(json.dumps(config, indent=1))
+
+    @classmethod
+    def load_bundle(
+        cls, directory: str | Path, *, build_extractor: Callable[..., nn.Module] = DegradationExtractor,
+        build_expert: Callable[..., nn.Module] = create_expert, device: str | torch.device = "cpu",
+    ) -> "UniRestorer":
+        """Rebuild every module from bundle.json, then load weights.safetensors strictly."""
+        d = Path(directory)
+        cfg_file, weights_file = d / CONFIG, d / WEIGHTS
+        for f in (cfg_file, weights_file):
+            if not f.is_file():
+                raise FileNotFoundError(f"bundle file missing: {f}")
+        config = json.loads(cfg_file.read_text())
+        if config.get("format") != BUNDLE_FORMAT:
+            raise ValueError(f"{cfg_file}: format {config.get('format')!r}, expected {BUNDLE_FORMAT!r}")
+        tensors = load_file(str(weights_file), device=str(device))
+
+        def part(prefix: str) -> dict[str, Tensor]:
+            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        def load(module: nn.Module, prefix: str, what: str) -> nn.Module:
+            try:
+                module.load_state_dict(part(prefix))
+            except RuntimeError as err:
+                raise ValueError(f"{weights_file}: {what} weights do not match its config: {err}") from err
+            return module.to(device)
+
+        centroids = {"centroids": tensors["tree.centroids"].cpu()}
+        tree = DegradationTree.from_state(config["tree"], centroids, str(cfg_file))
+        extractor = load(build_extractor(**config["extractor"]), "extractor.", "extractor")
+        router = load(Router(**config["router"]), "router.", "router")
+        specs = {int(k): v for k, v in config["experts"].items()}
+        experts = {n: load(build_expert(**s), f"experts.{n}.", f"expert of node {n} ({s})") for n, s in specs.items()}
+        model = cls(extractor, tree, router, experts, expert_specs=specs, extractor_config=config["extractor"])
+        return model.eval()

@@ -1,0 +1,164 @@
+"""Degradation extractor: targets from shard labels, losses, deterministic embedding, and learning."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from skimage import data
+
+from unirestorer.data_shards.degradations import FAMILIES, synthesize
+from unirestorer.model.extractor import (
+    DegradationExtractor,
+    ExtractorTargets,
+    extractor_loss,
+    extractor_targets,
+    family_accuracy,
+    supervised_contrastive,
+)
+
+SMALL = dict(backbone="test_resnet", embed_dim=32, proj_dim=16, crop=32, n_crops=3)  # timm's 0.37M test net
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core box: more threads only add contention."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
+def comp(family: str, kind: str, intensity: float | None) -> dict:
+    return {"family": family, "type": kind, "params": {}, "intensity": intensity}
+
+
+def test_targets_from_labels() -> None:
+    labels = [
+        {"task": "noise", "intensity": 0.31, "components": [comp("noise", "gaussian_noise", 0.31)]},
+        {"task": "noise", "intensity": 0.2, "components": [comp("noise", "gaussian_noise", 0.2)]},  # same bin
+        {"task": "noise", "intensity": 0.9, "components": [comp("noise", "gaussian_noise", 0.9)]},  # other bin
+        {"task": "mixed", "intensity": 0.7, "components": [comp("haze", "haze", 0.7), comp("jpeg", "jpeg", 0.1)]},
+        {"task": "rain", "intensity": None, "components": [comp("rain", "real_rain", None)]},  # a real pair
+        {"task": "clean", "intensity": None, "components": []},
+    ]
+    t = extractor_targets(labels)
+    n, h, j, r = (FAMILIES.index(f) for f in ("noise", "haze", "jpeg", "rain"))
+    assert t.multi_hot.shape == t.intensity.shape == t.mask.shape == (6, len(FAMILIES))
+    assert t.multi_hot.sum(1).tolist() == [1, 1, 1, 2, 1, 0]
+    assert t.multi_hot[3, h] == t.multi_hot[3, j] == 1 and t.multi_hot[4, r] == 1
+    assert t.intensity[0, n].item() == pytest.approx(0.31) and t.intensity[3, j].item() == pytest.approx(0.1)
+    assert t.mask[4].sum() == 0 and t.mask[3].sum() == 2 and t.mask[0].sum() == 1
+    ids = t.class_ids.tolist()
+    assert ids[0] == ids[1] and len(set(ids)) == 5
+    assert torch.equal(extractor_targets(labels[::-1]).class_ids, t.class_ids.flip(0))  # stable, batch-free ids
+    with pytest.raises(ValueError, match="label 0: unknown degradation family 'fog'"):
+        extractor_targets([{"components": [comp("fog", "fog", 0.5)]}])
+
+
+def test_supervised_contrastive_rewards_grouping() -> None:
+    ids = torch.tensor([0, 0, 1, 1])
+    grouped = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    swapped = grouped[[0, 2, 1, 3]]
+    assert supervised_contrastive(grouped, ids) < supervised_contrastive(swapped, ids)
+    z = torch.randn(3, 2, requires_grad=True)
+    no_positive = supervised_contrastive(torch.nn.functional.normalize(z, dim=1), torch.tensor([0, 1, 2]))
+    assert no_positive.item() == 0.0
+    no_positive.backward()  # still part of the graph
+    assert z.grad is not None
+
+
+def test_loss_masks_unknown_intensity() -> None:
+    torch.manual_seed(0)
+    model = DegradationExtractor(**SMALL)
+    out = model(torch.rand(4, 3, 32, 32))
+    assert out.embedding.shape == (4, 32) and out.projection.shape == (4, 16)
+    assert out.family_logits.shape == out.intensity.shape == (4, len(FAMILIES))
+    assert torch.allclose(out.projection.norm(dim=1), torch.ones(4))
+    real = [{"task": "rain", "intensity": None, "components": [comp("rain", "real_rain", None)]}] * 4
+    losses = extractor_loss(out, extractor_targets(real))
+    assert set(losses) == {"loss", "family", "intensity", "contrastive"}
+    assert losses["intensity"].item() == 0.0 and torch.isfinite(losses["loss"])
+    losses["loss"].backward()
+    assert all(p.grad is not None for p in model.backbone.parameters())
+
+
+def test_default_extractor_config() -> None:
+    model = DegradationExtractor()
+    assert model.config == dict(backbone="resnet10t", embed_dim=256, proj_dim=128, crop=64, n_crops=4)
+    assert DegradationExtractor(**model.config).config == model.config  # config rebuilds the model
+
+
+def test_embed_is_deterministic_and_batch_independent() -> None:
+    torch.manual_seed(0)
+    model = DegradationExtractor(**SMALL).train()
+    images = torch.rand(3, 3, 45, 70)
+    e = model.embed(images)
+    assert e.shape == (3, 32)
+    assert model.training  # embed switches to eval and back
+    assert torch.equal(model.embed(images), e)
+    alone = model.embed(images[1:2])
+    torch.testing.assert_close(alone[0], e[1], rtol=1e-5, atol=1e-5)
+    mixed = model.embed([images[0], torch.rand(3, 20, 90), images[2]])  # any sizes, smaller than a crop too
+    assert mixed.shape == (3, 32)
+    torch.testing.assert_close(mixed[[0, 2]], e[[0, 2]], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(model.embed(images, seed=1), e)  # the seed picks the crops
+    with pytest.raises(ValueError, match="B x 3 x H x W"):
+        model.embed(torch.rand(3, 45, 70))
+
+
+def synthetic_set(photos: list[np.ndarray], families: tuple[str, ...], n: int, size: int, seed: int):
+    """n degraded native-resolution patches, families in turn, from random places of the photos."""
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for i in range(n):
+        photo = photos[i % len(photos)]
+        y, x = rng.integers(0, photo.shape[0] - size), rng.integers(0, photo.shape[1] - size)
+        lq, label = synthesize(photo[y : y + size, x : x + size].copy(), families[i % len(families)], rng)
+        images.append(torch.from_numpy(lq).permute(2, 0, 1))
+        labels.append(label)
+    return torch.stack(images), labels
+
+
+def test_learns_to_tell_families_apart_on_an_unseen_photo() -> None:
+    """A ~20 s CPU run; the test photo (the cat) is never seen in training. Intensities span each
+    sampler's whole range, the faintest of which (noise sigma 1, blur sigma 0.5) are near-invisible.
+    Measured exact-match accuracy 0.88-0.89 over three seeds; chance is 1/4 even for argmax."""
+    families = ("noise", "blur", "haze", "lowlight")
+    as_float = lambda img: img[..., :3].astype(np.float32) / 255  # noqa: E731
+    train_photos = [data.astronaut(), data.coffee(), data.rocket(), data.immunohistochemistry(),
+                    data.retina()[300:1100, 300:1100], data.hubble_deep_field(), data.colorwheel()]  # fmt: skip
+    x_train, l_train = synthetic_set([as_float(p) for p in train_photos], families, 1200, 48, seed=0)
+    x_test, l_test = synthetic_set([as_float(data.chelsea())], families, 280, 48, seed=1)
+    t_train, t_test = extractor_targets(l_train), extractor_targets(l_test)
+
+    torch.manual_seed(0)
+    model = DegradationExtractor(**SMALL)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(250):
+        idx = torch.randint(0, len(x_train), (32,), generator=g)
+        targets = ExtractorTargets(*(t[idx] for t in t_train))
+        losses = extractor_loss(model(x_train[idx]), targets, contrastive_weight=0.1)
+        opt.zero_grad()
+        losses["loss"].backward()
+        opt.step()
+
+    model.eval()
+    with torch.no_grad():
+        out = model(x_test)
+    accuracy = family_accuracy(out.family_logits, t_test.multi_hot)
+    print(f"extractor family accuracy (exact match, 4 families, unseen photo): {accuracy:.3f}")
+    assert accuracy >= 0.75
+    # intensity: better than always predicting the training mean of the true family
+    f = t_test.multi_hot.argmax(1)
+    mean = (t_train.intensity * t_train.mask).sum(0) / t_train.mask.sum(0)
+    model_err = (out.intensity[range(len(f)), f] - t_test.intensity[range(len(f)), f]).abs().mean()
+    const_err = (mean[f] - t_test.intensity[range(len(f)), f]).abs().mean()
+    print(f"intensity MAE {model_err:.3f} vs constant {const_err:.3f}")
+    assert model_err < 0.8 * const_err
+    # the embedding (what the tree clusters) puts same-family patches closer than other-family ones
+    e = torch.nn.functional.normalize(model.embed(x_test, n_crops=1, crop=48), dim=1)
+    same = f[:, None] == f[None, :]
+    dist = torch.cdist(e, e)
+    assert dist[same & ~torch.eye(len(f), dtype=torch.bool)].mean() < 0.7 * dist[~same].mean()

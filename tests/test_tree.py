@@ -1,0 +1,173 @@
+"""Degradation tree: planted clusters, determinism, errors, persistence, path consistency."""
+
+import math
+
+import pytest
+import torch
+
+from unirestorer.model.tree import AutoK, DegradationTree, _split_total, kmeans, silhouette
+
+
+def adjusted_rand(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Adjusted Rand index from the contingency table (Hubert & Arabie)."""
+    _, a = a.unique(return_inverse=True)
+    _, b = b.unique(return_inverse=True)
+    table = torch.zeros(int(a.max()) + 1, int(b.max()) + 1, dtype=torch.float64)
+    table.index_put_((a, b), torch.ones(len(a), dtype=torch.float64), accumulate=True)
+    comb = lambda t: (t * (t - 1) / 2).sum()  # noqa: E731
+    index, rows, cols, total = comb(table), comb(table.sum(1)), comb(table.sum(0)), math.comb(len(a), 2)
+    expected = rows * cols / total
+    return float((index - expected) / ((rows + cols) / 2 - expected))
+
+
+def planted(subclusters=(3, 3, 3), n=60, dim=8, seed=0):
+    """Groups far apart, subclusters inside each group: (points, group label, leaf label, task names)."""
+    g = torch.Generator().manual_seed(seed)
+    xs, groups, leaves = [], [], []
+    for gi, k in enumerate(subclusters):
+        centre = torch.randn(dim, generator=g) * 60
+        for _ in range(k):
+            sub = centre + torch.randn(dim, generator=g) * 8
+            xs.append(sub + torch.randn(n, dim, generator=g))
+            groups += [gi] * n
+            leaves += [len(xs) - 1] * n
+    tasks = [f"task{gi}" for gi in groups]
+    return torch.cat(xs), torch.tensor(groups), torch.tensor(leaves), tasks
+
+
+def test_adjusted_rand_reference_values():
+    a = torch.tensor([0, 0, 1, 1, 2, 2])
+    assert adjusted_rand(a, torch.tensor([5, 5, 3, 3, 9, 9])) == pytest.approx(1.0)
+    # sklearn.metrics.adjusted_rand_score([0,0,0,1,1,1], [0,0,1,1,2,2]) == 0.24242424...
+    assert adjusted_rand(torch.tensor([0, 0, 0, 1, 1, 1]), a) == pytest.approx(0.2424242424)
+
+
+def test_planted_clusters_recovered_with_given_k():
+    x, groups, leaves, tasks = planted()
+    tree = DegradationTree.fit(x, [1, 3, 9], tasks=tasks, seed=0)
+    paths = tree.path(x)
+    assert tree.level_sizes == [1, 3, 9]
+    assert adjusted_rand(paths[:, 1], groups) >= 0.95
+    assert adjusted_rand(paths[:, 2], leaves) >= 0.95
+
+
+def test_planted_clusters_recovered_with_auto_k():
+    x, groups, leaves, tasks = planted(subclusters=(2, 3, 4))
+    spec = [1, AutoK(k_min=2, k_max=4), None]  # level 1: its own bounds; level 2: `auto`
+    tree = DegradationTree.fit(x, spec, tasks=tasks, auto=AutoK(k_min=2, k_max=6), seed=1)
+    paths = tree.path(x)
+    assert tree.level_sizes == [1, 3, 9]
+    assert adjusted_rand(paths[:, 2], leaves) >= 0.95
+    # every leaf is pure in the planted task; group sizes are sorted largest first
+    purity = tree.task_counts.max(1).values / tree.counts.clamp_min(1)
+    assert bool((purity[tree.leaf_ids] == 1).all())
+    assert tree.counts[1:4].tolist() == sorted(tree.counts[1:4].tolist(), reverse=True)
+
+
+def test_auto_k_does_not_split_one_blob():
+    x = torch.randn(300, 4, generator=torch.Generator().manual_seed(0))
+    tree = DegradationTree.fit(x, [1, None], auto=AutoK(min_silhouette=0.5))
+    assert tree.level_sizes == [1, 1]
+    assert torch.allclose(tree.centroids[1], x.mean(0))
+
+
+def test_explicit_per_group_k_and_total_split():
+    x, _, _, _ = planted()
+    tree = DegradationTree.fit(x, [1, 3, [1, 2, 4]])
+    assert tree.level_sizes == [1, 3, 7]
+    assert tree.parents.tolist() == [-1, 0, 0, 0, 1, 2, 2, 3, 3, 3, 3]
+    assert _split_total(7, [100, 50, 10], level=2) == [4, 2, 1]
+    assert sum(_split_total(19, [13, 29, 7, 51, 3, 88, 40], level=2)) == 19
+    with pytest.raises(ValueError, match="3 k values for 2 parents"):
+        DegradationTree.fit(x, [1, 2, [1, 2, 3]])
+    with pytest.raises(ValueError, match="level 0 must be exactly 1"):
+        DegradationTree.fit(x, [3, 9])
+    with pytest.raises(ValueError, match="2 task labels for 540 embeddings"):
+        DegradationTree.fit(x, [1, 3], tasks=["a", "b"])
+
+
+def test_determinism_by_seed():
+    x, _, _, tasks = planted(subclusters=(2, 2, 2, 2), dim=4)
+    x = x + torch.randn(x.shape, generator=torch.Generator().manual_seed(3)) * 10  # overlapping: init matters
+    a = DegradationTree.fit(x, [1, 4, 8], tasks=tasks, seed=7)
+    b = DegradationTree.fit(x, [1, 4, 8], tasks=tasks, seed=7)
+    assert torch.equal(a.centroids, b.centroids)
+    assert torch.equal(a.path(x), b.path(x))
+    c1, l1, i1 = kmeans(x, 5, seed=3, restarts=1)
+    c2, l2, i2 = kmeans(x, 5, seed=3, restarts=1)
+    assert torch.equal(c1, c2) and torch.equal(l1, l2) and i1 == i2
+
+
+def test_restarts_keep_lowest_inertia():
+    x, _, _, _ = planted(subclusters=(2, 2, 2, 2), dim=4)
+    single = [kmeans(x, 8, seed=s, restarts=1)[2] for s in range(5)]
+    assert kmeans(x, 8, seed=0, restarts=5)[2] <= single[0] + 1e-3
+
+
+def test_errors_are_clear():
+    x = torch.randn(5, 3)
+    with pytest.raises(ValueError, match="5 points are fewer than the k=7 clusters"):
+        DegradationTree.fit(x, [1, 7])
+    dup = torch.cat([torch.zeros(6, 3), torch.ones(4, 3)])
+    with pytest.raises(ValueError, match="only 2 distinct points among 10 for k=3: duplicate"):
+        DegradationTree.fit(dup, [1, 3])
+    bad = torch.randn(20, 3)
+    bad[2, 1] = float("nan")
+    bad[5] = float("inf")
+    with pytest.raises(ValueError, match=r"4 non-finite values \(NaN/Inf\) in 2 of 20 rows"):
+        DegradationTree.fit(bad, [1, 2])
+    tree = DegradationTree.fit(torch.randn(20, 3), [1, 2])
+    with pytest.raises(ValueError, match="1 non-finite"):
+        tree.path(torch.tensor([[0.0, float("nan"), 0.0]]))
+    with pytest.raises(ValueError, match=r"tree expects \[B, 3\]"):
+        tree.path(torch.randn(2, 4))
+    with pytest.raises(ValueError, match="not a leaf"):
+        tree.leaf_index(0)
+
+
+def test_path_consistency_and_ancestors():
+    x, _, _, tasks = planted(subclusters=(2, 3, 2))
+    tree = DegradationTree.fit(x, [1, 3, 7], tasks=tasks)
+    queries = torch.cat([x, torch.randn(50, x.shape[1]) * 80])
+    paths = tree.path(queries)
+    assert bool((paths[:, 0] == 0).all())
+    for l in range(1, tree.n_levels):
+        assert torch.equal(tree.parents[paths[:, l]], paths[:, l - 1])
+    # level 1 is the nearest level-1 centroid (the root's children are all of level 1)
+    d = torch.cdist(queries, tree.centroids[1:4])
+    assert torch.equal(paths[:, 1], d.argmin(1) + 1)
+    leaf_paths = tree.leaf_paths()
+    for leaf in tree.leaf_ids.tolist():
+        row = leaf_paths[tree.leaf_index(leaf)].tolist()
+        assert row == tree.ancestors(leaf) + [leaf]
+        assert tree.parents[leaf] in row
+        assert tree.level_of(leaf) == 2
+    # counts and compositions agree with routing every sample
+    assert tree.counts[0] == len(x)
+    assert torch.equal(tree.task_counts.sum(1), tree.counts)
+    for l, start in enumerate(tree.level_starts):
+        assert tree.counts[start : start + tree.level_sizes[l]].sum() == len(x)
+
+
+def test_save_load_round_trip(tmp_path):
+    x, _, _, tasks = planted()
+    tree = DegradationTree.fit(x, [1, 3, 9], tasks=tasks)
+    tree.save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tree.json", "tree.safetensors"]
+    back = DegradationTree.load(tmp_path)
+    assert torch.equal(back.centroids, tree.centroids)
+    assert back.level_sizes == tree.level_sizes and back.task_names == tree.task_names
+    assert torch.equal(back.parents, tree.parents) and torch.equal(back.task_counts, tree.task_counts)
+    assert torch.equal(back.path(x), tree.path(x))
+    assert back.composition(4) == tree.composition(4)
+    (tmp_path / "tree.json").write_text('{"level_sizes": [1]}')
+    with pytest.raises(ValueError, match="not a valid degradation tree"):
+        DegradationTree.load(tmp_path)
+
+
+def test_silhouette_matches_hand_computation():
+    x = torch.tensor([[0.0], [1.0], [10.0], [12.0]])
+    labels = torch.tensor([0, 0, 1, 1])
+    # point 0: a=1, b=11 → 10/11; point 1: a=1, b=10 → 0.9; point 2: a=2, b=9.5; point 3: a=2, b=11.5
+    expected = (10 / 11 + 0.9 + 7.5 / 9.5 + 9.5 / 11.5) / 4
+    assert silhouette(x, labels) == pytest.approx(expected, rel=1e-5)

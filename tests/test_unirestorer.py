@@ -1,0 +1,197 @@
+"""Assembled UniRestorer: restore, instruction mode, router loss, bundle round trip."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from unirestorer.model.experts import create_expert
+from unirestorer.model.extractor import DegradationExtractor
+from unirestorer.model.lora import init_child_from_parent
+from unirestorer.model.router import Router
+from unirestorer.model.tree import DegradationTree
+from unirestorer.model.unirestorer import UniRestorer, dispatch
+
+SPEC = {"name": "nafnet", "preset": "tiny"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny convs on a shared 2-core machine: one thread avoids oversubscription stalls (10x here)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class PoolExtractor(nn.Module):
+    """Stand-in extractor: per-channel mean and std → linear embedding (the API `embed` is all we need)."""
+
+    def __init__(self, dim: int = 6) -> None:
+        super().__init__()
+        self.config = {"dim": dim}
+        self.proj = nn.Linear(6, dim)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(torch.cat([x.mean((2, 3)), x.std((2, 3))], dim=1))
+
+
+def images(n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+    """Two 'tasks' the stand-in can see: dark images and noisy images."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.rand(n, 3, 16, 16, generator=g) * 0.2 + 0.4
+    dark = base * 0.2
+    noisy = (base + torch.randn(base.shape, generator=g) * 0.3).clamp(0, 1)
+    return torch.cat([dark, noisy]), ["dark"] * n + ["noise"] * n
+
+
+def build(seed: int = 0, lora_leaf: bool = False) -> UniRestorer:
+    torch.manual_seed(seed)
+    extractor = PoolExtractor().eval()
+    x, tasks = images(40, seed)
+    with torch.no_grad():
+        tree = DegradationTree.fit(extractor.embed(x), [1, 2, 4], tasks=tasks, seed=seed)
+    experts = {n: create_expert(**SPEC) for n in range(tree.n_nodes)}
+    for expert in experts.values():  # tiny NAFNet starts near identity; perturb so experts differ
+        with torch.no_grad():
+            for p in expert.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+    if lora_leaf:  # leaf 3 as a LoRA on the root with a non-zero update: the bundle must merge it
+        experts[3] = init_child_from_parent(create_expert(**SPEC), experts[0], mode="lora")
+        with torch.no_grad():
+            for name, p in experts[3].named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05)
+    router = Router.from_tree(tree)
+    with torch.no_grad():  # spread routing over levels and leaves; BatchNorm statistics of the data
+        router.g_d.weight.normal_(0, 1.0)
+        router.g_g.weight.normal_(0, 1.0)
+        for bn in (router.h_d[-1], router.h_g[-1]):
+            bn.momentum = None  # cumulative average: one pass gives the exact statistics
+        router.train().route(extractor.embed(x))
+    specs = {n: SPEC for n in experts}
+    return UniRestorer(extractor, tree, router, experts, expert_specs=specs).eval()
+
+
+def test_restore_uses_exactly_the_routed_expert():
+    model = build()
+    x, _ = images(4, seed=5)
+    y, routes = model.restore(x)
+    assert y.shape == x.shape and len(routes) == len(x)
+    for i, r in enumerate(routes):
+        with torch.no_grad():
+            ref = model.expert(r["node"])(x[i : i + 1])[0]
+        assert torch.allclose(y[i], ref, atol=1e-5)
+        assert r["node"] == model.tree.leaf_paths()[r["leaf"] - model.tree.level_starts[-1], r["level"]]
+        assert r["composition"] == model.tree.composition(r["node"])
+        assert len(r["top_leaves"]) == 3 and sum(r["p_level"]) == pytest.approx(1.0, abs=1e-5)
+    y1, r1 = model.restore(x[2])
+    assert y1.shape == x[2].shape and r1["node"] == routes[2]["node"]
+    assert len({r["node"] for r in routes}) > 1  # the test exercises more than one expert
+    with pytest.raises(ValueError, match=r"got shape \(1, 16, 16\)"):
+        model.restore(x[0, :1])
+
+
+def test_gated_forward_equals_restore_and_trains_only_the_router():
+    model = build()
+    x, _ = images(4, seed=6)
+    y_restore, _ = model.restore(x)
+    y, route = model(x)
+    assert torch.equal(y, y_restore)
+    model.train()
+    assert model.router.training and not model.extractor.training
+    assert not any(m.training for m in model.experts.modules())
+    gt = torch.rand_like(x)
+    total, parts = model.router_loss(x, gt)
+    assert set(parts) == {"l1", "dg", "aux"} and torch.isfinite(total)
+    total.backward()
+    assert model.router.g_d.weight.grad.abs().sum() > 0 and model.router.h_g[0].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.experts.parameters())
+    assert all(p.grad is None for p in model.extractor.parameters())
+
+
+def test_level_supervision_uses_the_frozen_experts():
+    model = build()
+    model.router = Router.from_tree(model.tree, level_ce_weight=1.0, leaf_ce_weight=1.0)
+    x, _ = images(1, seed=7)
+    gt = x.clamp(0, 1)
+    paths = model.tree.path(model.embed(x))
+    err = model.level_errors(x, gt, paths)
+    for i in range(len(x)):
+        for l in range(3):
+            with torch.no_grad():
+                ref = (model.expert(int(paths[i, l]))(x[i : i + 1]) - gt[i : i + 1]).abs().mean()
+            assert err[i, l].item() == pytest.approx(ref.item(), abs=1e-6)
+    model.train()
+    _, parts = model.router_loss(x, gt)
+    assert {"leaf_ce", "level_ce"} <= set(parts)
+
+
+def test_instruction_mode_through_restore():
+    model = build()
+    x, _ = images(4, seed=8)
+    leaf0, dominant = model.tree.level_starts[-1], model.tree.dominant_task()
+    for t, name in enumerate(model.tree.task_names):
+        _, routes = model.restore(x, task=name)
+        for r in routes:  # the leaf and the expert both lie in the task's subtree (or the expert is the root)
+            assert dominant[r["leaf"]] == t
+            assert r["node"] == 0 or dominant[r["node"]] == t
+            assert r["p_level"][1] == 0.0 or dominant[model.tree.parents[r["leaf"]]] == t
+
+
+def test_bundle_round_trip_gives_identical_outputs(tmp_path):
+    model = build(lora_leaf=True)
+    x, _ = images(4, seed=9)
+    before, routes = model.restore(x)
+    model.save_bundle(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle.json", "weights.safetensors"]
+    config = json.loads((tmp_path / "bundle.json").read_text())
+    assert config["experts"]["3"] == SPEC and config["router"]["n_leaves"] == 4
+    back = UniRestorer.load_bundle(tmp_path, build_extractor=PoolExtractor)
+    after, routes_back = back.restore(x)
+    assert torch.allclose(after, before, atol=1e-6) and routes_back == routes
+    assert torch.equal(back.tree.centroids, model.tree.centroids)
+    # the LoRA leaf came back as a plain expert with the update merged in
+    probe = x[:1]
+    with torch.no_grad():
+        assert torch.allclose(back.expert(3)(probe), model.expert(3)(probe), atol=1e-5)
+
+
+def test_bundle_errors(tmp_path):
+    model = build()
+    with pytest.raises(FileNotFoundError, match="bundle file missing"):
+        UniRestorer.load_bundle(tmp_path, build_extractor=PoolExtractor)
+    model.save_bundle(tmp_path)
+    config = json.loads((tmp_path / "bundle.json").read_text())
+    config["experts"]["2"] = {"name": "nafnet", "preset": "tiny", "width": 16}
+    (tmp_path / "bundle.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="expert of node 2 .* do not match"):
+        UniRestorer.load_bundle(tmp_path, build_extractor=PoolExtractor)
+    unnamed = UniRestorer(model.extractor, model.tree, model.router, dict(model._pool()))
+    with pytest.raises(ValueError, match=r"needs expert_specs .* node\(s\) \[0, 1, 2"):
+        unnamed.save_bundle(tmp_path / "other")
+    with pytest.raises(ValueError, match=r"no expert for tree node\(s\) \[6\]"):
+        UniRestorer(model.extractor, model.tree, model.router, {n: model.expert(n) for n in range(6)})
+
+
+def test_dispatch_keeps_batch_order_and_gradients():
+    experts = {0: lambda t: t * 2, 5: lambda t: t + 1}
+    x = torch.arange(4.0).view(4, 1).requires_grad_()
+    y = dispatch(x, torch.tensor([5, 0, 5, 0]), experts)
+    assert y.squeeze(1).tolist() == [1.0, 2.0, 3.0, 6.0]
+    y.sum().backward()
+    assert x.grad.squeeze(1).tolist() == [1.0, 2.0, 1.0, 2.0]
+
+
+def test_bundle_with_the_real_extractor_and_default_builders(tmp_path):
+    torch.manual_seed(0)
+    extractor = DegradationExtractor(embed_dim=16, proj_dim=8, crop=16, n_crops=2).eval()
+    x, tasks = images(6, seed=10)
+    tree = DegradationTree.fit(extractor.embed(x), [1, 2, 3], tasks=tasks)
+    experts = {n: create_expert(**SPEC) for n in range(tree.n_nodes)}
+    model = UniRestorer(extractor, tree, Router.from_tree(tree), experts, expert_specs={n: SPEC for n in experts})
+    before, routes = model.eval().restore(x)
+    model.save_bundle(tmp_path)
+    after, routes_back = UniRestorer.load_bundle(tmp_path).restore(x)
+    assert torch.equal(after, before) and routes_back == routes
