@@ -1,0 +1,131 @@
+"""Expert parallelism on DeepSpeed: placement, dropless dispatch, ZeRO-1/2 and checkpoints.
+
+The distributed cases run 2 real ranks (gloo, DS_ACCELERATOR=cpu, the real deepspeed.initialize) and
+compare with one process holding every expert; each spawn packs several steps to keep the suite short.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).parent))
+import parallel_worker  # noqa: E402
+
+from unirestorer.parallel.placement import plan_placement  # noqa: E402
+
+TOL = 1e-5
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def cpu_deepspeed(monkeypatch, tmp_path):
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    return tmp_path
+
+
+def run_case(case: dict, tmp_path: Path) -> list[dict]:
+    case = {**case, "ckpt_dir": str(tmp_path / "ckpt")}
+    mp.start_processes(parallel_worker.run, args=(2, free_port(), case, str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def assert_all_match(results: list[dict]) -> None:
+    for rank, errors in enumerate(results):
+        bad = {k: v for k, v in errors.items() if not v <= TOL}
+        assert not bad, f"rank {rank}: {bad}"
+
+
+@pytest.mark.slow
+def test_zero2_uneven_idle_padding_and_checkpoint(cpu_deepspeed):
+    """Levels [1, 3, 4] with ep_size [1, 2, 2], level 1 padded 3 -> 4. Node 3 and 7 get no image;
+    step 0: k = 3 with 3 + 1 images; step 1: k = 1 with 4 + 0 images; step 2: router-style no_grad."""
+    case = {"level_sizes": [1, 3, 4], "ep_sizes": [1, 2, 2], "zero": 2, "size": 16, "steps": [
+        {"seed": 0, "k": 3, "batch": [3, 1], "grad": True, "idle": [3, 7]},
+        {"seed": 1, "k": 1, "batch": [4, 0], "grad": True, "idle": [3]},
+        {"seed": 2, "k": 1, "batch": [2, 3], "grad": False, "idle": []},
+    ]}
+    results = run_case(case, cpu_deepspeed)
+    assert set(results[0]) >= {"step0_params", "step1_input_grad", "step2_output", "ckpt_not_bit_exact"}
+    assert_all_match(results)
+
+
+@pytest.mark.slow
+def test_zero1_replicated_level_and_empty_rank(cpu_deepspeed):
+    """Levels [1, 2, 4] with ep_size [1, 1, 2]: a two-expert level replicated next to a sharded one;
+    rank 1 holds no image in step 0 (k = 3)."""
+    case = {"level_sizes": [1, 2, 4], "ep_sizes": [1, 1, 2], "zero": 1, "size": 16, "steps": [
+        {"seed": 3, "k": 3, "batch": [2, 0], "grad": True, "idle": [4]},
+        {"seed": 4, "k": 1, "batch": [1, 3], "grad": True, "idle": []},
+    ]}
+    assert_all_match(run_case(case, cpu_deepspeed))
+
+
+def test_placement_report_seven_experts_on_two_ranks():
+    placement = plan_placement([1, 7], world_size=2)
+    assert [(lv.ep_size, lv.num_slots, lv.idle_slots) for lv in placement.levels] == [(1, 1, 0), (2, 8, 1)]
+    assert placement.nodes_on_rank(0) == [0, 1, 2, 3, 4] and placement.nodes_on_rank(1) == [0, 5, 6, 7]
+    report = placement.report(params_per_node=[1000] * 8)
+    assert "level 1: 7 experts, ep_size 2, 8 slots, 4 per rank" in report
+    assert "1 idle padding slot(s)" in report
+    assert "rank 1: nodes [0, 5, 6, 7] (+1 idle), 0.004M params" in report
+    # uniform clusters: rank 0 serves 4/7 of level 1 -> (1 + 2 * 4/7) / 2 = 1.071x data parallel
+    assert "rank 0: nodes [0, 1, 2, 3, 4] (+0 idle), 0.005M params, expected load 1.071x" in report
+    assert "busiest rank does 1.071x" in report
+    # skewed clusters move the load: node 7 (on rank 1) holds most images
+    loads = placement.expected_load([10, 1, 1, 1, 1, 1, 1, 10])
+    assert loads[1] > loads[0]
+
+
+def test_placement_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="must divide the world size 4"):
+        plan_placement([1, 7], world_size=4, ep_sizes=[1, 3])
+    # 19 on 8: ep_size 8 leaves 5 idle slots (26%), 4 pads one (5%); 7 on 8 pads one (14%); 3 on 2 replicates
+    assert [lv.ep_size for lv in plan_placement([1, 7, 19], 8).levels] == [1, 8, 4]
+    assert [lv.ep_size for lv in plan_placement([1, 3, 4], 2).levels] == [1, 1, 2]
+
+
+def test_ds_config_rejects_zero3_and_implicit_clipping():
+    from unirestorer.parallel.tree_moe import check_ds_config
+
+    with pytest.raises(ValueError, match="ZeRO stage 3 does not support DeepSpeed MoE"):
+        check_ds_config({"zero_optimization": {"stage": 3}, "gradient_clipping": 0.0})
+    with pytest.raises(ValueError, match="gradient_clipping explicitly"):
+        check_ds_config({"zero_optimization": {"stage": 2}})
+    check_ds_config({"zero_optimization": {"stage": 2}, "gradient_clipping": 1.0})
+
+
+def test_single_process_layer_matches_its_experts():
+    """World of one (no process group): every level replicated, outputs in input order, experts
+    without images still get (zero) gradients, and the report counts parameters on the meta device."""
+    import torch
+
+    from unirestorer.parallel.tree_moe import TreeMoE
+
+    factory = parallel_worker.make_factory(seed=3)
+    layer = TreeMoE(factory, [1, 2])
+    images, ids = torch.rand(2, 3, 16, 16), torch.tensor([[2, 0], [0, 2]])
+    out = layer(images, ids)
+    assert out.shape == (2, 2, 3, 16, 16)
+    assert torch.allclose(out[0, 0], layer.local_module(2)(images[:1])[0], atol=TOL)
+    assert torch.allclose(out[1, 0], layer.local_module(0)(images[1:])[0], atol=TOL)
+    out.sum().backward()
+    idle = list(layer.local_module(1).parameters())
+    assert all(p.grad is not None and not p.grad.any() for p in idle)
+    with pytest.raises(ValueError, match=r"node ids must lie in \[0, 3\)"):
+        layer(images, torch.tensor([[3], [0]]))
+    assert "rank 0: nodes [0, 1, 2] (+0 idle)" in layer.placement_report(factory)
