@@ -11,6 +11,8 @@ import sys
 
 from unirestorer import __version__
 from unirestorer import demo
+from unirestorer import evaluate
+from unirestorer import restore
 from unirestorer.data_shards import cli as shards_cli
 
 
@@ -20,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     shards_cli.add_parser(sub)
     demo.add_parser(sub)
+    restore.add_parser(sub)
+    evaluate.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,58 @@
+"""Shared fixtures: a tiny, freshly initialised UniRestorer saved as a weights bundle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+TINY_EXPERT = {"name": "nafnet", "preset": "tiny"}
+TINY_EXTRACTOR = dict(backbone="test_resnet", embed_dim=16, proj_dim=8, crop=16, n_crops=2)
+
+
+def build_tiny_unirestorer(seed: int = 0):
+    """Real extractor, tree [1, 2, 4] fitted on embeddings of random 'noise'/'dark' images, tiny NAFNet
+    experts perturbed away from identity (so they differ), router gates spread over leaves and levels."""
+    from unirestorer.model.experts import create_expert
+    from unirestorer.model.extractor import DegradationExtractor
+    from unirestorer.model.router import Router
+    from unirestorer.model.tree import DegradationTree
+    from unirestorer.model.unirestorer import UniRestorer
+
+    torch.manual_seed(seed)
+    extractor = DegradationExtractor(**TINY_EXTRACTOR).eval()
+    g = torch.Generator().manual_seed(seed)
+    base = torch.rand(12, 3, 24, 24, generator=g) * 0.6 + 0.2
+    x = torch.cat([(base + torch.randn(base.shape, generator=g) * 0.2).clamp(0, 1), base * 0.2])
+    tree = DegradationTree.fit(extractor.embed(x), [1, 2, 4], tasks=["noise"] * 12 + ["dark"] * 12, seed=seed)
+    experts = {n: create_expert(**TINY_EXPERT) for n in range(tree.n_nodes)}
+    with torch.no_grad():
+        for expert in experts.values():
+            for p in expert.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+    router = Router.from_tree(tree)
+    with torch.no_grad():
+        router.g_d.weight.normal_(0, 1.0)
+        router.g_g.weight.normal_(0, 1.0)
+    return UniRestorer(extractor, tree, router, experts, expert_specs={n: TINY_EXPERT for n in experts}).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory) -> str:
+    """Folder of a saved tiny bundle (built once per session)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        path = tmp_path_factory.mktemp("bundle")
+        build_tiny_unirestorer().save_bundle(path)
+    finally:
+        torch.set_num_threads(n)
+    return str(path)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny convs on a shared 2-core machine: one thread avoids oversubscription stalls."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -1,0 +1,281 @@
+"""`unirestorer eval`: PSNR/SSIM of the routed model beside the baselines that test its claim.
+
+Per image, on the root→leaf path of the leaf the estimator picks (blind, or inside `--instruct`'s
+subtree), every node's expert is run once; from those outputs come
+  input   the degraded image itself (no restoration),
+  root    the root expert alone (degradation-agnostic all-in-one),
+  leaf    the estimator's leaf alone (no granularity: always the finest expert),
+  routed  the node the router picks (leaf and level), i.e. the model,
+  oracle  the best node on that path for this image by PSNR against the ground truth.
+So oracle >= root, leaf and routed per image by construction; routed vs root and leaf is the claim.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from unirestorer.metrics import Convention, crop_to_multiple, mean, psnr, ssim
+
+METHODS = ("input", "root", "leaf", "routed", "oracle")
+# --synth FAMILY:VALUE -> (degradation type, the parameter VALUE sets); FAMILY alone draws params.
+SYNTH_PARAM = {"noise": ("gaussian_noise", "sigma"), "jpeg": ("jpeg", "quality"), "blur": ("gaussian_blur", "sigma")}
+
+
+@dataclass
+class Sample:
+    name: str
+    lq: np.ndarray  # HxWx3 float32 in [0, 1], already cropped per the convention
+    gt: np.ndarray
+
+
+def _images(folder: Path) -> dict[str, Path]:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder")
+    return {p.stem: p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")}
+
+
+def _read(path: Path, multiple: int) -> np.ndarray:
+    from unirestorer.image_io import load_picture
+
+    img = crop_to_multiple(load_picture(path).rgb, multiple)
+    if img.size == 0:
+        raise ValueError(f"{path}: smaller than the crop multiple {multiple}")
+    return img
+
+
+def load_pairs(lq_dir: Path, gt_dir: Path, multiple: int = 16, limit: int | None = None) -> list[Sample]:
+    """Pairs matched by file stem; every LQ needs a GT of the same size."""
+    lq, gt = _images(lq_dir), _images(gt_dir)
+    missing = sorted(set(lq) - set(gt))
+    if missing:
+        raise ValueError(f"{len(missing)} input(s) in {lq_dir} have no ground truth in {gt_dir}: {missing[:5]}")
+    samples = []
+    for name in sorted(lq)[:limit]:
+        a, b = _read(lq[name], multiple), _read(gt[name], multiple)
+        if a.shape != b.shape:
+            raise ValueError(f"{lq[name]}: size {a.shape[:2]} differs from its ground truth {gt[name]} {b.shape[:2]}")
+        samples.append(Sample(name, a, b))
+    if not samples:
+        raise ValueError(f"{lq_dir}: no image pairs found")
+    return samples
+
+
+def synth_label(spec: str) -> tuple[str, dict | None]:
+    """'noise:25' -> ('noise', a fixed label); 'rain' -> ('rain', None: params drawn per image)."""
+    from unirestorer.data_shards.degradations import TASKS
+
+    family, _, value = spec.partition(":")
+    if not value:
+        if family not in TASKS:
+            raise ValueError(f"--synth {spec!r}: unknown task; use one of {', '.join(TASKS)} or FAMILY:VALUE")
+        return family, None
+    if family not in SYNTH_PARAM:
+        raise ValueError(f"--synth {spec!r}: a value can be given for {', '.join(SYNTH_PARAM)} only")
+    kind, key = SYNTH_PARAM[family]
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"--synth {spec!r}: {value!r} is not a number") from None
+    return family, {"task": family, "components": [{"family": family, "type": kind, "params": {key: number}}]}
+
+
+def load_synthetic(clean_dir: Path, spec: str, seed: int = 0, multiple: int = 16,
+                   limit: int | None = None) -> list[Sample]:  # fmt: skip
+    """Clean images degraded at test time after the crop; image i uses rng([seed, i]) (order-proof)."""
+    from unirestorer.data_shards.degradations import apply_label, synthesize
+
+    task, label = synth_label(spec)
+    samples = []
+    for i, (name, path) in enumerate(sorted(_images(clean_dir).items())[:limit]):
+        gt = _read(path, multiple)
+        rng = np.random.default_rng([seed, i])
+        lq = apply_label(gt, label, rng) if label else synthesize(gt, task, rng)[0]
+        samples.append(Sample(name, np.clip(lq, 0, 1).astype(np.float32), gt))
+    if not samples:
+        raise ValueError(f"{clean_dir}: no images found")
+    return samples
+
+
+def evaluate(model, samples: list[Sample], conv: Convention = Convention(), task: str | None = None,
+             tile: int = 0, overlap: int = 64, device: str = "cpu",
+             progress: bool = True) -> tuple[list[dict], list[np.ndarray]]:  # fmt: skip
+    """Per-image records (route, PSNR/SSIM of every method and of every path node) and routed outputs."""
+    import torch
+    from tqdm import tqdm
+
+    from unirestorer.restore import route_image, run_expert
+
+    records, outputs = [], []
+    leaf0 = model.tree.level_starts[-1]
+    for s in tqdm(samples, desc="eval", unit="img", disable=not progress):
+        x = torch.from_numpy(s.lq).permute(2, 0, 1)[None].to(device)
+        route = route_image(model, x, task)
+        leaf = int(route.leaf[0])
+        path = [int(n) for n in model.router.leaf_paths[leaf]]
+        outs = {n: run_expert(model, n, x, tile, overlap)[0].permute(1, 2, 0).cpu().numpy() for n in path}
+        score = {n: (psnr(o, s.gt, conv), ssim(o, s.gt, conv)) for n, o in outs.items()}
+        node = int(route.node[0])
+        best = max(path, key=lambda n: score[n][0])
+        scores = {"input": (psnr(s.lq, s.gt, conv), ssim(s.lq, s.gt, conv)), "root": score[path[0]],
+                  "leaf": score[leaf0 + leaf], "routed": score[node], "oracle": score[best]}
+        records.append({"name": s.name, "level": int(route.level[0]), "node": node, "leaf": leaf0 + leaf,
+                        "oracle_node": best, "path": path, "path_psnr": [score[n][0] for n in path],
+                        **{f"{m}_{k}": v[j] for m, v in scores.items() for j, k in enumerate(("psnr", "ssim"))}})
+        outputs.append(outs[node])
+    return records, outputs
+
+
+def summarise(records: list[dict]) -> dict[str, dict[str, float]]:
+    return {m: {k: mean([r[f"{m}_{k}"] for r in records]) for k in ("psnr", "ssim")} for m in METHODS}
+
+
+def markdown(title: str, conv: Convention, records: list[dict], n_levels: int) -> str:
+    summary = summarise(records)
+    lines = [f"### {title}", "", f"Convention: {conv.describe()}. {len(records)} images.", "",
+             "| method | PSNR (dB) | SSIM | ΔPSNR vs input |", "|---|---|---|---|"]
+    for m in METHODS:
+        p, q = summary[m]["psnr"], summary[m]["ssim"]
+        lines.append(f"| {m} | {p:.2f} | {q:.4f} | {p - summary['input']['psnr']:+.2f} |")
+    levels = np.bincount([r["level"] for r in records], minlength=n_levels)
+    lines += ["", "Routed level counts (0 = root): " + ", ".join(f"level {l}: {c}" for l, c in enumerate(levels))]
+    return "\n".join(lines) + "\n"
+
+
+def summary_row(name: str, conv: Convention, records: list[dict]) -> str:
+    s = summarise(records)
+    cells = " | ".join(f"{s[m]['psnr']:.2f} / {s[m]['ssim']:.4f}" for m in METHODS)
+    return f"| {name} | {'Y' if conv.y_channel else 'RGB'}{', uint8' if conv.uint8 else ''} | {len(records)} | {cells} |"
+
+
+SUMMARY_HEADER = ("| set | metric on | n | " + " | ".join(f"{m} PSNR / SSIM" for m in METHODS) + " |\n"
+                  + "|---" * (3 + len(METHODS)) + "|\n")
+
+
+def write_csv(path: Path, records: list[dict]) -> None:
+    keys = [k for k in records[0] if k not in ("path", "path_psnr")]
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(keys + ["path"])
+        for r in records:
+            w.writerow([r[k] for k in keys] + [" ".join(map(str, r["path"]))])
+
+
+def _finite(x):
+    """JSON has no inf/nan: they become null."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    return x
+
+
+def write_grid(path: Path, samples: list[Sample], records: list[dict], outputs: list[np.ndarray],
+               k: int = 3, height: int = 128) -> None:  # fmt: skip
+    """PNG: the k worst then the k best images by routed PSNR, as input | routed | ground truth."""
+    import cv2
+
+    from unirestorer.data_shards.imageio import to_uint8
+
+    order = np.argsort([r["routed_psnr"] for r in records], kind="stable")
+    picks = list(order[:k]) + [i for i in order[-k:] if i not in order[:k]]
+    rows = []
+    for i in picks:
+        r, s = records[i], samples[i]
+        cells = []
+        for img, text in ((s.lq, f"input {r['input_psnr']:.2f}"), (outputs[i], f"routed {r['routed_psnr']:.2f}"),
+                          (s.gt, f"{s.name} GT")):
+            h, w = img.shape[:2]
+            cell = cv2.resize(to_uint8(img), (max(1, round(w * height / h)), height), interpolation=cv2.INTER_AREA)
+            cv2.putText(cell, text, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 0), 1, cv2.LINE_AA)
+            cells.append(cell)
+        rows.append(np.hstack(cells))
+    width = max(r.shape[1] for r in rows)
+    grid = np.vstack([np.pad(r, ((0, 2), (0, width - r.shape[1]), (0, 0))) for r in rows])
+    cv2.imwrite(str(path), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("eval", help="PSNR/SSIM of the model and its baselines on a test set")
+    p.add_argument("--weights", required=True, metavar="BUNDLE")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--pairs", nargs=2, type=Path, metavar=("LQ_DIR", "GT_DIR"), help="paired set, matched by name")
+    src.add_argument("--clean", type=Path, metavar="DIR", help="clean images, degraded by --synth")
+    p.add_argument("--synth", metavar="SPEC", help="with --clean: noise:SIGMA, jpeg:QUALITY, blur:SIGMA or a task")
+    p.add_argument("--task", help="task label of this set (default: the --synth family)")
+    p.add_argument("--instruct", action="store_true", help="route in instruction mode for --task")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic degradation (default 0)")
+    p.add_argument("--y-channel", action="store_true", help="metrics on BT.601 Y (BasicSR, e.g. rain)")
+    p.add_argument("--uint8", action="store_true", help="round outputs and targets to uint8 first")
+    p.add_argument("--border", type=int, default=0, help="pixels cropped from each side before the metrics")
+    p.add_argument("--multiple", type=int, default=16, help="centre crop inputs to this multiple (default 16)")
+    p.add_argument("--tile", type=int, default=0, help="tiled inference tile size (default 0: whole image)")
+    p.add_argument("--overlap", type=int, default=64)
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    p.add_argument("--limit", type=int, default=None, help="first N images only")
+    p.add_argument("--name", help="name of this run in titles and the summary (default: --synth, else --task)")
+    p.add_argument("--out", type=Path, help="output folder (default runs/eval/NAME)")
+    p.add_argument("--json", action="store_true", help="also write results.json")
+    p.add_argument("--summary", type=Path, metavar="FILE", help="append one row to this markdown table")
+    p.add_argument("--grid", type=int, default=3, metavar="K", help="worst and best K images in grid.png")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from unirestorer.restore import check_tiling, load_model
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA device is available", file=sys.stderr)
+        return 2
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    conv = Convention(args.y_channel, args.uint8, args.border, args.multiple)
+    try:
+        if args.clean is not None:
+            if not args.synth:
+                raise ValueError("--clean needs --synth (e.g. noise:25)")
+            samples = load_synthetic(args.clean, args.synth, args.seed, args.multiple, args.limit)
+            task = args.task or synth_label(args.synth)[0]
+        else:
+            if not args.task:
+                raise ValueError("--pairs needs --task (the task label of the set)")
+            samples, task = load_pairs(*args.pairs, args.multiple, args.limit), args.task
+        model = load_model(args.weights, device)
+        if args.instruct and task not in model.router.task_names:
+            raise ValueError(f"--instruct: task {task!r} unknown; this model knows {model.router.task_names}")
+        check_tiling(model, args.tile, args.overlap)
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    name = args.name or args.synth or task
+    out = args.out or Path("runs/eval") / name.replace(" ", "_").replace(":", "")
+    out.mkdir(parents=True, exist_ok=True)
+    source = f"{args.clean} + {args.synth} (seed {args.seed})" if args.clean else f"{args.pairs[0]} vs {args.pairs[1]}"
+    records, outputs = evaluate(model, samples, conv, task if args.instruct else None, args.tile, args.overlap, device)
+    table = markdown(f"{name}: {source}{' (instruction mode)' if args.instruct else ''}", conv, records,
+                     model.tree.n_levels)
+    print(table)
+    (out / "results.md").write_text(table)
+    write_csv(out / "results.csv", records)
+    if args.json:
+        doc = {"name": name, "source": source, "convention": conv.describe(), "summary": summarise(records),
+               "images": records}
+        (out / "results.json").write_text(json.dumps(_finite(doc), indent=1))
+    if args.grid > 0:
+        write_grid(out / "grid.png", samples, records, outputs, args.grid)
+    if args.summary:
+        new = not args.summary.exists() or args.summary.stat().st_size == 0
+        with args.summary.open("a") as f:
+            f.write((SUMMARY_HEADER if new else "") + summary_row(name, conv, records) + "\n")
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,217 @@
+"""`unirestorer restore`: restore image files of any size with a weights bundle.
+
+Routing is decided once per image, from the extractor's embedding of the whole image (its seeded
+native-resolution crops, DESIGN §1.1); the chosen expert then runs tile by tile. Tiles overlap and
+are blended with smooth weights (a raised-cosine ramp across each overlap that has a neighbour,
+normalised by the summed weights), so no seams appear and a 4K photo fits a small GPU or a CPU.
+Experts with global operations (NAFNet's channel attention pools the whole input) see each tile on
+its own, so tiled output differs slightly from untiled; `--tile 0` runs the image whole.
+
+Folders on several GPUs: `accelerate launch -m unirestorer.cli restore ...` splits the sorted file
+list between processes (each image once); output names are the input names, so order and mapping
+are kept whatever process wrote them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:  # torch is imported inside the functions: `unirestorer --help` stays fast
+    from torch import Tensor
+
+DEFAULT_TILE, DEFAULT_OVERLAP = 512, 64
+
+
+def ramp_window(size: int, rise_left: int, rise_right: int) -> Tensor:
+    """1-D weights: raised-cosine rises of the given lengths at each end, 1 in between, > 0 everywhere."""
+    import torch
+
+    w = torch.ones(size)
+    for n, sl in ((rise_left, slice(0, rise_left)), (rise_right, slice(size - rise_right, size))):
+        if n:
+            r = torch.sin(0.5 * math.pi * (torch.arange(n) + 0.5) / n) ** 2
+            w[sl] = r if sl.start == 0 else r.flip(0)
+    return w
+
+
+def tile_starts(size: int, tile: int, stride: int) -> list[int]:
+    """Tile offsets covering [0, size): every `stride`, the last tile flush with the end."""
+    if size <= tile:
+        return [0]
+    return list(range(0, size - tile, stride)) + [size - tile]
+
+
+def tiled(fn: Callable[[Tensor], Tensor], x: Tensor, tile: int, overlap: int, batch: int = 4,
+          align: int = 1) -> Tensor:  # fmt: skip
+    """fn applied to x [B,C,H,W] in overlapping tiles (tile 0: whole), blended without seams.
+
+    `align` is the network's size multiple (its total downsampling): the image is replicate-padded
+    to it, as the network itself pads, and tiles start on multiples of it, so every tile sees the
+    same downsampling grid as the whole image does.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    h, w = x.shape[-2:]
+    if tile <= 0 or (h <= tile and w <= tile):
+        return fn(x)
+    if tile % align or not 0 <= 2 * overlap <= tile:
+        raise ValueError(f"tile {tile} must be a multiple of {align} and at least twice the overlap {overlap}")
+    stride = max(align, (tile - overlap) // align * align)
+    rise = tile - stride
+    xp = F.pad(x, (0, -w % align, 0, -h % align), mode="replicate")
+    hp, wp = xp.shape[-2:]
+    th, tw = min(tile, hp), min(tile, wp)
+    boxes = [(y, xx) for y in tile_starts(hp, th, stride) for xx in tile_starts(wp, tw, stride)]
+    out = torch.zeros_like(xp)
+    norm = xp.new_zeros(1, 1, hp, wp)
+    for i in range(0, len(boxes), batch):
+        part = boxes[i : i + batch]
+        crops = torch.cat([xp[..., y : y + th, xx : xx + tw] for y, xx in part])
+        ys = fn(crops).view(len(part), *x.shape[:2], th, tw)
+        for (y, xx), yt in zip(part, ys):
+            # rises only where a neighbouring tile overlaps; the image border keeps full weight
+            wy = ramp_window(th, min(rise, y), min(rise, hp - y - th))
+            wx = ramp_window(tw, min(rise, xx), min(rise, wp - xx - tw))
+            weight = (wy[:, None] * wx[None, :]).to(x)
+            out[..., y : y + th, xx : xx + tw] += yt * weight
+            norm[..., y : y + th, xx : xx + tw] += weight
+    return (out / norm)[..., :h, :w]
+
+
+def route_image(model, x: Tensor, task: str | None = None):
+    """The routing decision for x [1,3,H,W] from the embedding of the whole image."""
+    import torch
+
+    with torch.no_grad():
+        return model.router.route(model.extractor.embed(x), task)
+
+
+def run_expert(model, node: int, x: Tensor, tile: int, overlap: int, batch: int = 4) -> Tensor:
+    """Expert `node` on x [1,3,H,W], tiled, clamped to [0, 1]."""
+    import torch
+
+    expert = model.expert(node)
+    with torch.no_grad():
+        return tiled(expert, x, tile, overlap, batch, getattr(expert, "multiple", 1)).clamp_(0, 1)
+
+
+def restore_tensor(model, x: Tensor, task: str | None = None, tile: int = DEFAULT_TILE,
+                   overlap: int = DEFAULT_OVERLAP, batch: int = 4) -> tuple[Tensor, dict]:  # fmt: skip
+    """x [1,3,H,W] in [0, 1] → (restored [1,3,H,W], the route as `UniRestorer.describe` gives it)."""
+    route = route_image(model, x, task)
+    return run_expert(model, int(route.node[0]), x, tile, overlap, batch), model.describe(route, 0)
+
+
+def check_tiling(model, tile: int, overlap: int) -> None:
+    """Tiles must be a multiple of every expert's size multiple and hold two overlaps (tile 0: untiled)."""
+    align = math.lcm(*(getattr(e, "multiple", 1) for e in model.experts.values()))
+    if tile and (tile % align or not 0 <= 2 * overlap <= tile):
+        raise ValueError(f"--tile {tile} must be a multiple of {align} (the experts' downsampling) "
+                         f"and at least twice --overlap {overlap}")
+
+
+def explain_line(name: str, info: dict) -> str:
+    comp = ", ".join(f"{t} {n}" for t, n in info["composition"].items()) or "no labelled samples"
+    top = ", ".join(f"leaf {k} {p:.2f}" for k, p in info["top_leaves"].items())
+    levels = " ".join(f"{p:.2f}" for p in info["p_level"])
+    return (f"{name}: level {info['level']} node {info['node']} (estimated leaf {info['leaf']}) | "
+            f"node composition: {comp} | top leaves: {top} | p(level): {levels}")
+
+
+def list_inputs(source: Path) -> list[Path]:
+    """The file itself, or the folder's regular non-hidden files in sorted order."""
+    if source.is_file():
+        return [source]
+    if source.is_dir():
+        return sorted(p for p in source.iterdir() if p.is_file() and not p.name.startswith("."))
+    raise FileNotFoundError(f"--input {source}: no such file or folder")
+
+
+def check_outputs(files: list[Path], source: Path, output: Path) -> list[Path]:
+    """Output paths; refuses (ValueError) any plan that would write over an input."""
+    from unirestorer.image_io import output_name
+
+    out = output.resolve()
+    if source.is_dir() and out == source.resolve():
+        raise ValueError(f"--output {output} is the input folder: restored files would overwrite the inputs")
+    dests = [out / output_name(f) for f in files]
+    inputs = {f.resolve() for f in files}
+    clash = [d for d in dests if d in inputs or (d.exists() and any(d.samefile(f) for f in files))]
+    if clash:
+        raise ValueError(f"refusing to overwrite input file {clash[0]} (choose another --output)")
+    if len(set(dests)) != len(dests):
+        raise ValueError("two inputs map to the same output name; restore them into separate folders")
+    return dests
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("restore", help="restore image files with a weights bundle")
+    p.add_argument("--weights", required=True, metavar="BUNDLE", help="bundle folder (bundle.json + weights)")
+    p.add_argument("--input", required=True, type=Path, metavar="FILE|DIR")
+    p.add_argument("--output", required=True, type=Path, metavar="DIR")
+    p.add_argument("--task", default=None, help="instruction mode: restrict routing to this task's subtree")
+    p.add_argument("--tile", type=int, default=DEFAULT_TILE, help=f"tile size, 0 = whole image (default {DEFAULT_TILE})")
+    p.add_argument("--overlap", type=int, default=DEFAULT_OVERLAP, help=f"tile overlap (default {DEFAULT_OVERLAP})")
+    p.add_argument("--tile-batch", type=int, default=4, help="tiles per expert call (default 4)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    p.add_argument("--explain", action="store_true", help="print each image's level, node and probabilities")
+    p.add_argument("--max-pixels", type=int, default=None, help="refuse larger images (default 50M)")
+    p.set_defaults(func=run)
+
+
+def load_model(weights: str, device):
+    from unirestorer.model.unirestorer import UniRestorer
+
+    return UniRestorer.load_bundle(weights, device=device).eval()
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+    from tqdm import tqdm
+
+    from unirestorer.data_shards.imageio import DEFAULT_MAX_PIXELS, ImageReadError
+    from unirestorer.image_io import load_picture, save_picture
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA device is available", file=sys.stderr)
+        return 2
+    state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
+    try:
+        files = list_inputs(args.input)
+        dests = check_outputs(files, args.input, args.output)
+        if not files:
+            raise ValueError(f"--input {args.input}: the folder has no files")
+        model = load_model(args.weights, state.device)
+        if args.task is not None and args.task not in model.router.task_names:
+            raise ValueError(f"--task {args.task!r} unknown; this model knows {model.router.task_names}")
+        check_tiling(model, args.tile, args.overlap)
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    args.output.mkdir(parents=True, exist_ok=True)
+    restored = 0
+    with state.split_between_processes(list(zip(files, dests))) as mine:
+        for src, dest in tqdm(mine, desc="restore", unit="img", disable=not state.is_local_main_process):
+            try:
+                pic = load_picture(src, args.max_pixels or DEFAULT_MAX_PIXELS)
+                x = torch.from_numpy(pic.rgb).permute(2, 0, 1)[None].to(state.device)
+                y, info = restore_tensor(model, x, args.task, args.tile, args.overlap, args.tile_batch)
+                save_picture(dest, y[0].permute(1, 2, 0).float().cpu().numpy(), pic)
+            except (ImageReadError, OSError) as err:
+                tqdm.write(f"skipped: {err}", file=sys.stderr)
+                continue
+            restored += 1
+            if args.explain:
+                tqdm.write(explain_line(src.name, info))
+    total = sum(gather_object([restored]))
+    if state.is_main_process:
+        print(f"restored {total} of {len(files)} images into {args.output}")
+    return 0 if total else 1
+
