@@ -1,0 +1,67 @@
+"""Ranks from whichever launcher started us, then DeepSpeed's process group.
+
+The deepspeed launcher (and torchrun) set RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT.
+`srun` sets only SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS / SLURM_JOB_NODELIST; launch/slurm.sbatch
+exports the standard names too, but a bare `srun python -m ...` works as well through this mapping.
+A plain `python -m ...` is a world of one.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+
+def slurm_master_addr(nodelist: str) -> str:
+    """First host of a SLURM node list such as `gpu[01-04],cpu7` (expanded by `scontrol show hostnames`)."""
+    res = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
+    hosts = res.stdout.split()
+    if res.returncode != 0 or not hosts:
+        raise RuntimeError(f"scontrol show hostnames {nodelist!r} gave no host: {res.stderr.strip()[-300:]}")
+    return hosts[0]
+
+
+def rank_env_from_slurm(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The torch.distributed variables derived from SLURM's, for the keys not already set."""
+    env = os.environ if env is None else env
+    if "RANK" in env or "SLURM_PROCID" not in env:
+        return {}
+    out = {"RANK": env["SLURM_PROCID"], "LOCAL_RANK": env["SLURM_LOCALID"], "WORLD_SIZE": env["SLURM_NTASKS"]}
+    if "MASTER_ADDR" not in env:
+        out["MASTER_ADDR"] = slurm_master_addr(env["SLURM_JOB_NODELIST"])
+    if "MASTER_PORT" not in env:  # same on every task of a job, different between concurrent jobs
+        out["MASTER_PORT"] = str(20000 + int(env["SLURM_JOB_ID"]) % 20000)
+    return out
+
+
+def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
+    """Set the rank variables (SLURM or single process), pick the device, and create the process group
+    through deepspeed.init_distributed: NCCL on CUDA, gloo on CPU (DS_ACCELERATOR=cpu)."""
+    import deepspeed  # heavy; only when a run starts
+
+    os.environ.update(rank_env_from_slurm())
+    for key, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                         ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")):
+        os.environ.setdefault(key, default)
+    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    use_cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") == "cuda"
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False,
+                               timeout=timedelta(seconds=timeout_s), rank=rank, world_size=world)
+    return DistInfo(rank, local_rank, world, device)

@@ -1,0 +1,192 @@
+"""Our part of checkpointing around DeepSpeed's engine.save_checkpoint / load_checkpoint.
+
+Layout of `ckpt_dir`:
+
+    step_00000004/                  DeepSpeed's files (model states, per-expert files, ZeRO shards)
+        rank_00000_state.pt ...     one per rank: RNG states + data position (run_state.py)
+        COMPLETE.json               written last, by rank 0, after every rank finished writing
+    latest                          "step_00000004"; moved (temp + rename) only after COMPLETE.json
+
+A save is complete only when COMPLETE.json exists, and `latest` only ever names complete saves, so a
+crash at any point of a save leaves the previous checkpoint loadable. DeepSpeed's own `latest` write
+is disabled (save_latest=False). `ckpt_dir` must be on a file system that every rank sees.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+MARKER = "COMPLETE.json"
+LATEST = "latest"
+_TAG_RE = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from, with what is wrong and where."""
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def is_complete(path: str | Path) -> bool:
+    return (Path(path) / MARKER).is_file()
+
+
+def complete_checkpoints(ckpt_dir: str | Path) -> list[Path]:
+    """Complete checkpoint folders of `ckpt_dir`, oldest first."""
+    root = Path(ckpt_dir)
+    found = [p for p in root.iterdir() if _TAG_RE.match(p.name) and is_complete(p)] if root.is_dir() else []
+    return sorted(found, key=lambda p: int(_TAG_RE.match(p.name)[1]))
+
+
+# ---------------------------------------------------------------- save
+
+
+def write_checkpoint(engine: Any, ckpt_dir: str | Path, step: int, client_state: dict[str, Any],
+                     rank_state: dict[str, Any]) -> str | None:
+    """All ranks: DeepSpeed's files plus this rank's state file. Returns the tag, or None when this step
+    is already saved and complete (e.g. a preemption save right after a periodic one; resolve_resume
+    refuses to resume into a ckpt_dir holding newer saves, so a complete one is this run's own)."""
+    rank, _ = _rank_world()
+    path = Path(ckpt_dir) / tag_for(step)
+    if is_complete(path):
+        return None
+    if rank == 0 and path.exists():  # left over by a crashed save: start clean
+        shutil.rmtree(path)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag_for(step), client_state={**client_state, "step": step},
+                           save_latest=False)
+    torch.save(rank_state, path / f"rank_{rank:05d}_state.pt")
+    return tag_for(step)
+
+
+def commit_checkpoint(ckpt_dir: str | Path, step: int, keep_last: int) -> None:
+    """All ranks: barrier (every rank finished writing), then rank 0 writes the marker, moves `latest`
+    and deletes all but the newest `keep_last` complete checkpoints (and any incomplete leftovers)."""
+    _barrier()
+    rank, world = _rank_world()
+    if rank == 0:
+        root, tag = Path(ckpt_dir), tag_for(step)
+        marker = {"tag": tag, "step": step, "world_size": world, "time": time.time(),
+                  "files": sorted(p.name for p in (root / tag).iterdir())}
+        _atomic_write(root / tag / MARKER, json.dumps(marker, indent=1))
+        _atomic_write(root / LATEST, tag)
+        keep = {p.name for p in complete_checkpoints(root)[-max(keep_last, 1):]}
+        for p in root.iterdir():
+            if _TAG_RE.match(p.name) and p.name not in keep:
+                shutil.rmtree(p)
+    _barrier()
+
+
+def save_checkpoint(engine: Any, ckpt_dir: str | Path, step: int, client_state: dict[str, Any],
+                    rank_state: dict[str, Any], keep_last: int = 2) -> bool:
+    """Collective. Writes and commits checkpoint `step`; False when it already existed."""
+    if write_checkpoint(engine, ckpt_dir, step, client_state, rank_state) is None:
+        return False
+    commit_checkpoint(ckpt_dir, step, keep_last)
+    return True
+
+
+# ---------------------------------------------------------------- resume
+
+
+@dataclass
+class ResumePoint:
+    root: Path  # the ckpt_dir DeepSpeed loads from
+    tag: str
+    step: int
+    world_size: int  # ranks that wrote it
+
+    @property
+    def path(self) -> Path:
+        return self.root / self.tag
+
+
+def _point(path: Path, how: str) -> ResumePoint:
+    if not path.is_dir():
+        raise CheckpointError(f"{how}: checkpoint {path} does not exist")
+    if not is_complete(path):
+        raise CheckpointError(f"{how}: checkpoint {path} has no {MARKER}: its save did not finish "
+                              f"(crash or preemption during the write); resume from an older one or use --resume none")
+    info = json.loads((path / MARKER).read_text())
+    return ResumePoint(path.parent, path.name, int(info["step"]), int(info["world_size"]))
+
+
+def resolve_resume(resume: str, ckpt_dir: str | Path) -> ResumePoint | None:
+    """`--resume` → what to load. `none`: nothing. `auto`: what `ckpt_dir/latest` names, or nothing when
+    there is no `latest` yet (fresh run). PATH: a checkpoint folder, or a ckpt_dir with a `latest` file."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        root = Path(ckpt_dir)
+        if not (root / LATEST).is_file():
+            return None
+        tag = (root / LATEST).read_text().strip()
+        return _point(root / tag, f"--resume auto: {root / LATEST} names {tag!r}, but")
+    path = Path(resume)
+    if not path.exists():
+        raise CheckpointError(f"--resume {resume}: {path} does not exist")
+    if (path / LATEST).is_file() and not (path / MARKER).exists():
+        return _point(path / (path / LATEST).read_text().strip(), f"--resume {resume}: {path / LATEST} points to a")
+    if not (path / MARKER).exists() and not any(path.glob("*.pt")):
+        raise CheckpointError(f"--resume {resume}: {path} is neither a checkpoint folder nor a folder with a "
+                              f"'{LATEST}' file")
+    point = _point(path, f"--resume {resume}")
+    newer = [p.name for p in complete_checkpoints(ckpt_dir) if int(_TAG_RE.match(p.name)[1]) > point.step]
+    if newer and Path(ckpt_dir).resolve() == point.root.resolve():
+        raise CheckpointError(f"--resume {resume}: {ckpt_dir} also holds newer checkpoints ({', '.join(newer)}) of "
+                              f"another run history, which this run's saves would mix with; pass another --ckpt-dir")
+    return point
+
+
+def load_checkpoint(engine: Any, point: ResumePoint) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Collective. Loads weights and, when the world size is unchanged, optimizer + scheduler states.
+
+    Returns (client_state, this rank's run state). With a different world size (elastic resume) the
+    optimizer starts fresh and the rank state is None: the caller re-seeds its RNG and data stream.
+    """
+    rank, world = _rank_world()
+    same = world == point.world_size
+    if not same and rank == 0:
+        print(f"[checkpoint] elastic resume: {point.path} was written by {point.world_size} ranks, this run has "
+              f"{world}: loading weights only; optimizer, LR schedule state and RNG start fresh",
+              file=sys.stderr, flush=True)
+    load_path, client_state = engine.load_checkpoint(str(point.root), tag=point.tag, load_optimizer_states=same,
+                                                     load_lr_scheduler_states=same, load_module_only=not same)
+    if load_path is None:
+        raise CheckpointError(f"DeepSpeed could not load checkpoint {point.path}")
+    rank_state = None
+    if same:
+        rank_state = torch.load(point.path / f"rank_{rank:05d}_state.pt", weights_only=True)
+    return client_state or {}, rank_state
