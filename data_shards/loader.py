@@ -337,10 +337,6 @@ def collate(samples: list[dict], skipped: dict[str, int]) -> dict:
     }
 
 
-def _init_worker(_: int) -> None:
-    cv2.setNumThreads(1)  # W workers x OpenCV's own thread pool would oversubscribe the cores
-
-
 def _as_is(batch: dict) -> dict:
     """Batches are built in the worker; skip DataLoader's default_convert walk over the labels."""
     return batch
@@ -353,7 +349,7 @@ class StreamLoader:
         self.dataset = ShardStream(cfg, rank, world_size, restart)
         self.loader = wds.WebLoader(
             self.dataset, batch_size=None, collate_fn=_as_is, num_workers=cfg.num_workers,
-            worker_init_fn=_init_worker, pin_memory=cfg.pin_memory,
+            pin_memory=cfg.pin_memory,
         ).with_epoch(cfg.batches_per_epoch)
         self.batches_per_epoch = cfg.batches_per_epoch
         self.epoch = 0  # next epoch to run; part of every worker's seed

@@ -140,19 +140,13 @@ def _paired(job: _Job, item: _Item) -> _Result:
     return _Result(samples, None, notes)
 
 
-def _init_worker() -> None:
-    import cv2
-
-    cv2.setNumThreads(1)  # one core per worker process
-
-
 @contextmanager
 def _parallel_map(fn: Callable, workers: int) -> Iterator[Callable[[Iterable], Iterator]]:
     """An ordered map over `workers` processes (spawned, so safe from any parent), or in-process."""
     if workers <= 1:
         yield lambda items: map(fn, items)
         return
-    with mp.get_context("spawn").Pool(workers, initializer=_init_worker) as pool:
+    with mp.get_context("spawn").Pool(workers) as pool:
         yield lambda items: pool.imap(fn, items, chunksize=1)
 
 
