@@ -39,19 +39,24 @@ class DataConfig:
     num_workers: int = 2
     shuffle_buffer: int = 1000
     batches_per_epoch: int = 1000  # per rank: equal step counts on every rank (webdataset with_epoch)
+    balance: bool = True  # experts: mix single-task shard sets so every leaf gets data (see stage_experts)
 
 
 @dataclass
 class ModelConfig:
     arch: str = "restormer"
+    preset: str = ""  # experts: create_expert preset ("tiny", "small", "paper"); "" = restormer from dim/blocks/heads
     dim: int = 48
     num_blocks: list[int] = field(default_factory=lambda: [4, 6, 6, 8])
     heads: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     ffn_expansion: float = 2.66
     lora_rank: int = 0  # 0: full experts; >0: frozen root + LoRA on every other node
     lora_alpha: float = 16.0
-    extractor_backbone: str = "resnet18"
-    embed_dim: int = 512
+    extractor_backbone: str = "resnet10t"  # any timm model name
+    embed_dim: int = 256
+    extractor_proj_dim: int = 128  # contrastive projection
+    extractor_crop: int = 64  # native-resolution crops the extractor embeds (no resizing)
+    extractor_crops: int = 4  # crops averaged per image by `embed`
 
 
 @dataclass
@@ -60,7 +65,7 @@ class TreeConfig:
     num_samples: int = 4096  # shard samples embedded to build the tree
     kmeans_iters: int = 100
     ep_sizes: list[int] = field(default_factory=list)  # ranks each level's experts spread over; [] = auto
-    path: str = ""  # tree file written by `cluster`, read by `experts` / `router`
+    path: str = ""  # tree folder (tree.json + tree.safetensors + tree_stats.json) written by `cluster`
 
 
 @dataclass
@@ -80,6 +85,11 @@ class TrainConfig:
     dg_weight: float = 0.1  # router: weight of L_dg
     aux_weight: float = 0.01  # router: weight of L_aux
     init_ckpt: str | None = None  # weights of an earlier stage
+    level_lrs: list[float] = field(default_factory=list)  # experts: peak LR per tree level; [] = lr everywhere
+    level_start_steps: list[int] = field(default_factory=list)  # experts: step each level starts; [] = all at 0
+    # test hook: 1-based steps whose loss the spine replaces by NaN on the last rank (see train/stage.py)
+    debug_nan_steps: list[int] = field(default_factory=list)
+    debug_step_sleep: float = 0.0  # test hook: seconds each rank sleeps after every step (to kill a run mid-way)
 
 
 @dataclass
@@ -99,6 +109,7 @@ class LogConfig:
     dir: str = "runs"
     every: int = 10  # steps between JSON log lines / TensorBoard scalars
     val_every: int = 500
+    val_batches: int = 8  # per rank, from data.val_shards
     image_every: int = 1000
 
 

@@ -14,6 +14,7 @@ from unirestorer import demo
 from unirestorer import evaluate
 from unirestorer import restore
 from unirestorer.data_shards import cli as shards_cli
+from unirestorer.train import export
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_parser(sub)
     restore.add_parser(sub)
     evaluate.add_parser(sub)
+    export.add_parser(sub)
     return parser
 
 

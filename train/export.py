@@ -1,0 +1,92 @@
+"""`unirestorer export CKPT_DIR --out BUNDLE`: one inference bundle from an experts or router checkpoint.
+
+One process, no DeepSpeed: weights.py reads the dense file (extractor, router) and the per-expert files;
+file `layer_L_expert_i` is node `first_node(L) + i` (a level's nodes fill its slots breadth-first, see
+parallel/placement.py) and slots past the level's node count are idle padding, skipped. The tree, the
+extractor's and experts' constructor kwargs come from the checkpoint's stage state, so a checkpoint is
+all it needs. The training config and the source checkpoint are added to bundle.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from unirestorer.model.experts import create_expert
+from unirestorer.model.extractor import DegradationExtractor
+from unirestorer.model.router import Router
+from unirestorer.model.unirestorer import CONFIG, UniRestorer
+from unirestorer.train.checkpoint import CheckpointError
+from unirestorer.train.weights import Checkpoint, load_submodule, read_checkpoint
+
+EXPERTS_ONLY_NOTE = ("{path} is an experts-stage checkpoint: the router in the bundle is freshly initialised. Its "
+                     "gates are zero, so every leaf and level is equally likely and the argmax picks the first "
+                     "leaf at level 0: every image is restored by the root expert until a router stage is trained.")
+
+
+def restorer_from_checkpoint(ckpt: Checkpoint) -> tuple[UniRestorer, str]:
+    """The single-process model of an experts or router checkpoint, and a note on what it holds."""
+    # stage-local import: the stage modules pull in deepspeed, which export itself does not need
+    from unirestorer.train.stage_experts import EXTRACTOR, tree_from_state
+
+    stage, state = ckpt.client_state.get("stage"), ckpt.client_state.get("stage_state", {})
+    if stage not in ("experts", "router") or "tree_meta" not in state:
+        raise CheckpointError(f"{ckpt.path}: a checkpoint of stage {stage!r}; export needs one of the experts or "
+                              f"router stage (it holds the tree and every expert)")
+    tree = tree_from_state(state, str(ckpt.path))
+    spec = json.loads(state["expert_spec"])
+    extractor = DegradationExtractor(**json.loads(state["extractor_config"]))
+    load_submodule(extractor, ckpt.dense, EXTRACTOR)
+    if stage == "router":
+        router = Router(**json.loads(state["router_config"]))
+        load_submodule(router, ckpt.dense, "router.")
+        note = f"router stage, step {ckpt.step}"
+    else:
+        router, note = Router.from_tree(tree), EXPERTS_ONLY_NOTE.format(path=ckpt.path)
+    experts = {}
+    for level, (first, size) in enumerate(zip(tree.level_starts, tree.level_sizes)):
+        for slot in range(size):
+            if (level, slot) not in ckpt.experts:
+                raise CheckpointError(f"{ckpt.path}: layer_{level}_expert_{slot}_mp_rank_00_model_states.pt "
+                                      f"(tree node {first + slot}) is missing")
+            experts[first + slot] = create_expert(**spec)
+            try:
+                experts[first + slot].load_state_dict(ckpt.experts[(level, slot)])
+            except RuntimeError as err:
+                raise CheckpointError(f"{ckpt.path}: expert file of node {first + slot} does not fit {spec}: "
+                                      f"{err}") from None
+    model = UniRestorer(extractor.eval(), tree, router, experts, expert_specs={n: spec for n in experts},
+                        extractor_config=extractor.config)
+    return model.eval(), note
+
+
+def export(ckpt_dir: str | Path, out: str | Path) -> str:
+    """Write the bundle of checkpoint `ckpt_dir` (a step folder, or a folder whose `latest` names one)."""
+    ckpt = read_checkpoint(ckpt_dir)
+    model, note = restorer_from_checkpoint(ckpt)
+    model.save_bundle(out)
+    config_file = Path(out) / CONFIG
+    bundle = json.loads(config_file.read_text())
+    bundle["source"] = {"checkpoint": str(ckpt.path), "stage": ckpt.client_state.get("stage"), "step": ckpt.step,
+                        "note": note}
+    bundle["training_config"] = ckpt.client_state.get("config", {})
+    config_file.write_text(json.dumps(bundle, indent=1))
+    return note
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        note = export(args.ckpt_dir, args.out)
+    except (CheckpointError, ValueError) as err:
+        print(f"export failed: {err}")
+        return 2
+    print(f"wrote {args.out} from {args.ckpt_dir}: {note}")
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("export", help="write an inference bundle from an experts or router checkpoint")
+    p.add_argument("ckpt_dir", help="checkpoint folder (step_XXXXXXXX, or the ckpt dir whose `latest` names one)")
+    p.add_argument("--out", required=True, help="bundle folder to write (weights.safetensors + bundle.json)")
+    p.set_defaults(func=_run)

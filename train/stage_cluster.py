@@ -1,0 +1,117 @@
+"""Stage 2, `cluster`: embed shard samples with the trained extractor on every rank, build the tree on rank 0.
+
+Not a training loop (nothing to resume): each rank embeds its share of `tree.num_samples` samples of
+`data.train_shards` (native-resolution crops, `DegradationExtractor.embed`), the embeddings and task
+names are gathered, rank 0 fits `DegradationTree.fit(k=tree.levels)` and writes `tree.path/` (tree.json,
+tree.safetensors) plus `tree_stats.json`: nodes per level, counts, task composition, purity (share of a
+node's majority task).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from unirestorer.launch.env import DistInfo
+from unirestorer.model.tree import DegradationTree
+from unirestorer.train.config import ConfigError, RunConfig, from_dict
+from unirestorer.train.stage_extractor import build_extractor, shard_stream
+from unirestorer.train.weights import load_submodule, read_checkpoint
+
+STATS_FILE = "tree_stats.json"
+
+
+def load_extractor(path: str) -> tuple[torch.nn.Module, RunConfig]:
+    """The extractor of a checkpoint (an `extractor` stage's, or a later stage's holding it under
+    `extractor.`), built with the model config stored in that checkpoint."""
+    ck = read_checkpoint(path)
+    saved = from_dict(ck.client_state.get("config", {}), source=f"config stored in {ck.path}")
+    extractor = build_extractor(saved)
+    load_submodule(extractor, ck.dense, "" if ck.client_state.get("stage") == "extractor" else "extractor.")
+    return extractor.eval(), saved
+
+
+def _gather(x: torch.Tensor, info: DistInfo) -> list[torch.Tensor]:
+    """all_gather of tensors whose first dimension differs per rank."""
+    n = torch.tensor([len(x)], device=info.device)
+    sizes = [torch.zeros_like(n) for _ in range(info.world_size)]
+    dist.all_gather(sizes, n)
+    top = max(int(s.item()) for s in sizes)
+    padded = torch.zeros((top, *x.shape[1:]), dtype=x.dtype, device=info.device)
+    padded[: len(x)] = x
+    out = [torch.zeros_like(padded) for _ in range(info.world_size)]
+    dist.all_gather(out, padded)
+    return [o[: int(s.item())].cpu() for o, s in zip(out, sizes)]
+
+
+def _gather_strings(items: list[str], info: DistInfo) -> list[str]:
+    blob = torch.frombuffer(bytearray(json.dumps(items).encode()), dtype=torch.uint8)
+    return [s for part in _gather(blob, info) for s in json.loads(bytes(part.tolist()).decode())]
+
+
+def tree_stats(tree: DegradationTree, extractor_ckpt: str) -> dict[str, Any]:
+    nodes = []
+    for i in range(tree.n_nodes):
+        comp = tree.composition(i)
+        count = int(tree.counts[i])
+        major = max(comp, key=comp.get) if comp else None
+        nodes.append({"id": i, "level": tree.level_of(i), "parent": int(tree.parents[i]), "count": count,
+                      "composition": comp, "majority_task": major,
+                      "purity": round(comp[major] / count, 4) if major and count else None})
+    leaves = [n for n in nodes if n["level"] == tree.n_levels - 1]
+    total = sum(n["count"] for n in leaves)
+    return {
+        "num_samples": int(tree.counts[0]), "extractor": extractor_ckpt, "level_sizes": tree.level_sizes,
+        "tasks": tree.composition(0),
+        "counts_per_level": [[n["count"] for n in nodes if n["level"] == l] for l in range(tree.n_levels)],
+        "leaf_purity": round(sum(n["count"] * (n["purity"] or 0) for n in leaves) / max(total, 1), 4),
+        "nodes": nodes,
+    }
+
+
+def format_stats(stats: dict[str, Any]) -> str:
+    lines = [f"tree: levels {stats['level_sizes']}, {stats['num_samples']} samples, tasks {stats['tasks']}, "
+             f"leaf purity {stats['leaf_purity']}"]
+    for n in stats["nodes"]:
+        lines.append(f"{'  ' * n['level']}node {n['id']} (level {n['level']}): {n['count']} samples, majority "
+                     f"{n['majority_task']} ({n['purity']}), {n['composition']}")
+    return "\n".join(lines)
+
+
+def run_cluster(cfg: RunConfig, info: DistInfo) -> int:
+    if not cfg.train.init_ckpt:
+        raise ConfigError("stage cluster: set train.init_ckpt to the extractor checkpoint folder")
+    if not cfg.tree.path:
+        raise ConfigError("stage cluster: set tree.path (the folder the tree is written to)")
+    if not cfg.data.train_shards:
+        raise ConfigError("stage cluster: data.train_shards is empty")
+    if info.rank == 0:
+        print(f"[config] stage cluster, {info.world_size} ranks\n{cfg.pretty()}", flush=True)
+    extractor, saved = load_extractor(cfg.train.init_ckpt)
+    extractor.to(info.device)
+    share = cfg.tree.num_samples // info.world_size + (info.rank < cfg.tree.num_samples % info.world_size)
+    batch = max(1, min(32, share))
+    embs, tasks = [], []
+    if share:
+        for b in shard_stream(cfg, info, cfg.data.train_shards, batch, math.ceil(share / batch), 0, train=False):
+            keep = min(batch, share - len(tasks))
+            embs.append(extractor.embed(b["lq"][:keep].to(info.device)).float().cpu())
+            tasks += b["task"][:keep]
+    local = torch.cat(embs) if embs else torch.zeros(0, saved.model.embed_dim)
+    all_emb = torch.cat(_gather(local, info))
+    all_tasks = _gather_strings(tasks, info)
+    if info.rank == 0:
+        tree = DegradationTree.fit(all_emb, k=cfg.tree.levels, tasks=all_tasks, seed=cfg.train.seed)
+        out = Path(cfg.tree.path)
+        tree.save(out)
+        stats = tree_stats(tree, str(cfg.train.init_ckpt))
+        (out / STATS_FILE).write_text(json.dumps(stats, indent=1))
+        print(format_stats(stats), flush=True)
+        print(f"[cluster] tree written to {out} ({STATS_FILE} beside it)", flush=True)
+    dist.barrier()
+    return 0
