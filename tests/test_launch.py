@@ -1,11 +1,12 @@
-"""Launch: ranks from SLURM, and launch/slurm.sbatch for real on a local single-node Slurm (2 ranks,
-preempted with USR1, requeued, resumed)."""
+"""Launch: ranks from SLURM, and launch/slurm.sbatch for real on a local single-node Slurm: the real extractor
+stage on 2 tasks, preempted with USR1, requeued, resumed, and equal to an uninterrupted run."""
 
 from __future__ import annotations
 
-import json
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -15,16 +16,16 @@ from pathlib import Path
 
 import pytest
 
+from test_train_spine import (finish, free_port, launch, losses, same_weights, shards,  # noqa: F401 (a fixture)
+                              train_args)
 from unirestorer.launch.env import rank_env_from_slurm
+from unirestorer.train import checkpoint as ckpt
+from unirestorer.train.weights import read_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 SLURM_TOOLS = REPO.parent / "shared" / "tools" / "slurm"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# 6 steps, checkpoints every 2; each step sleeps so the signal lands mid-run
+STEPS = ("--max-steps", "6", "--ckpt-every", "2", "train.debug_step_sleep=0.5")
 
 
 def test_rank_env_from_slurm() -> None:
@@ -71,50 +72,75 @@ def wait_for(what: str, ok, timeout: float, log: Path) -> None:
         time.sleep(0.3)
 
 
+def task_env(job: str, ckpt_dir: Path) -> dict[int, dict[str, str]]:
+    """Rank -> rank variables of the job's running training processes, read from /proc (what srun + the
+    batch script really gave each task)."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit():
+                continue
+            cmd = (proc / "cmdline").read_bytes()
+            if b"unirestorer.train" not in cmd or str(ckpt_dir).encode() not in cmd:  # ids restart on other Slurms
+                continue
+            env = dict(x.decode().split("=", 1) for x in (proc / "environ").read_bytes().split(b"\0") if b"=" in x)
+        except (OSError, UnicodeDecodeError):
+            continue
+        if env.get("SLURM_JOB_ID") == job and "RANK" in env:
+            found[int(env["RANK"])] = {k: env[k] for k in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    return found
+
+
 @pytest.mark.slow
-def test_slurm_sbatch_two_ranks_preempted_requeued_resumed(local_slurm: dict, tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_slurm_extractor_preempted_requeued_matches_uninterrupted(local_slurm: dict, shards: dict, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  request: pytest.FixtureRequest) -> None:
+    """The real extractor stage through `sbatch launch/slurm.sbatch`, 2 tasks: `scancel --signal=USR1` after the
+    first checkpoint → both ranks checkpoint, the job requeues itself, the second run (SLURM_RESTART_COUNT=1)
+    resumes and finishes with the losses and final weights of an uninterrupted run, bit for bit."""
     monkeypatch.setenv("SLURM_CONF", local_slurm["SLURM_CONF"])  # scontrol reads it even to expand names
     nodes = {"SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "7",
              "SLURM_JOB_NODELIST": "gpu[07-09],cpu1"}
     assert rank_env_from_slurm(nodes)["MASTER_ADDR"] == "gpu07"
 
-    # venv last on PATH: see run_tiny in test_run_state.py.
-    env = {**local_slurm, "PATH": f"{os.environ['PATH']}:{REPO / '.venv' / 'bin'}", "DS_ACCELERATOR": "cpu",
-           "PYTHON": sys.executable,
-           "UNIRESTORER_ENTRY": str(REPO / "tests" / "tiny_train.py"), "MASTER_PORT": str(free_port()),
-           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))}
-    out = tmp_path / "out"
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # both runs: one thread per rank
+    ref, out = tmp_path / "reference", tmp_path / "slurm"
     out.mkdir()
+    reference = launch(2, ref, *train_args(shards, ref, *STEPS))  # uninterrupted, outside Slurm, meanwhile
+    request.addfinalizer(lambda: reference.poll() is None and os.killpg(reference.pid, signal.SIGKILL))
+
+    # venv last on PATH: see run_tiny in test_run_state.py. sbatch hands this environment to the job.
+    env = {**local_slurm, "PATH": f"{os.environ['PATH']}:{REPO / '.venv' / 'bin'}", "DS_ACCELERATOR": "cpu",
+           "PYTHON": sys.executable, "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1",
+           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))}
+    env.pop("UNIRESTORER_ENTRY", None)  # the default: python -m unirestorer.train
     submit = subprocess.run(
         ["sbatch", "--parsable", "--ntasks-per-node=2", "--gpus-per-task=0", "--cpus-per-task=1", "--time=10",
          f"--output={tmp_path}/slurm-%j.out", str(REPO / "launch" / "slurm.sbatch"),
-         "--out", str(out), "--ckpt-dir", str(tmp_path / "ck"), "--max-steps", "8", "--ckpt-every", "100",
-         "--step-sleep", "0.3", "deepspeed.micro_batch=2"],
-        env=env, capture_output=True, text=True, cwd=tmp_path, timeout=60)
+         *train_args(shards, out, *STEPS)],
+        env=env, capture_output=True, text=True, cwd=out, timeout=60)
     assert submit.returncode == 0, submit.stderr
     job = submit.stdout.strip().split(";")[0]
-    progress = out / "progress"
-    wait_for("step 2 of the first run", lambda: progress.exists() and int(progress.read_text() or 0) >= 2, 240,
-             tmp_path)
+    wait_for("the first checkpoint", lambda: (out / "ck" / "latest").exists(), 240, tmp_path)
+    ranks = task_env(job, out / "ck")
     subprocess.run(["scancel", "--signal=USR1", job], env=env, check=True)
     wait_for("the requeued run to complete", lambda: job_field(env, job, "JobState") == "COMPLETED", 240, tmp_path)
     assert job_field(env, job, "Restarts") == "1"
 
-    first = [[json.loads(x) for x in (out / f"rank{r}_run0.jsonl").read_text().splitlines()] for r in range(2)]
-    second = [[json.loads(x) for x in (out / f"rank{r}_run1.jsonl").read_text().splitlines()] for r in range(2)]
     host = socket.gethostname().split(".")[0]
-    for rank in range(2):
-        assert (first[rank][0]["rank"], first[rank][0]["world"], first[rank][0]["local_rank"]) == (rank, 2, rank)
-        assert first[rank][0]["master"] == [host, env["MASTER_PORT"]] and first[rank][0]["resumed_from"] is None
-        assert first[rank][-1]["preempted"] == "SIGUSR1"  # scancel --signal reaches every task
-    stop_step = first[0][-1]["step"]
-    assert first[1][-1]["step"] == stop_step and 2 <= stop_step < 8
-    for rank in range(2):  # SLURM_RESTART_COUNT=1 names the second run's file
-        assert second[rank][0]["world"] == 2 and second[rank][0]["resumed_from"] == stop_step
-        assert [d["step"] for d in second[rank][1:-1]] == list(range(stop_step + 1, 9))
-        assert second[rank][-1]["done"] == 8
-    assert second[0][-1]["weights"] == second[1][-1]["weights"]
-    assert (tmp_path / "ck" / "latest").read_text() == "step_00000008"
+    assert ranks == {r: {"LOCAL_RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": host,
+                         "MASTER_PORT": env["MASTER_PORT"]} for r in range(2)}
     log = (tmp_path / f"slurm-{job}.out").read_text()  # one log per job id, appended across the requeue
-    assert f"job {job} run 0 " in log and f"job {job} run 1 " in log and "requeued SLURM job" in log
+    assert f"job {job} run 0 " in log and f"job {job} run 1 " in log, log[-4000:]
+    assert log.count("[config] stage extractor, 2 ranks") == 2
+    assert "[preemption] rank 0 got SIGUSR1" in log and "[preemption] rank 1 got SIGUSR1" in log  # every task
+    stop = int(re.search(r"checkpoint at step (\d+) committed; exiting with 75", log)[1])
+    assert 3 <= stop < 6 and f"requeued SLURM job {job}" in log
+    assert f"[resume] step {stop} from {out / 'ck' / ckpt.tag_for(stop)} (written by 2 ranks, now 2)" in log
+    assert (out / "ck" / "latest").read_text() == "step_00000006"
+
+    code, ref_log = finish(reference, ref)
+    assert code == 0, ref_log[-4000:]
+    assert sorted(losses(out)) == [1, 2, 3, 4, 5, 6]
+    assert losses(out) == losses(ref)  # every step, bit for bit (JSON floats round-trip exactly)
+    assert same_weights(read_checkpoint(out / "ck").dense, read_checkpoint(ref / "ck").dense)

@@ -180,6 +180,18 @@ def test_router_stage_reports_routing(pipeline):
 
 
 @pytest.mark.slow
+def test_router_validation_writes_image_grids_to_tensorboard(pipeline):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    root, _ = pipeline
+    events = EventAccumulator(str(root / "logs" / "router" / "tb"), size_guidance={"images": 0}).Reload()
+    tags = events.Tags()["images"]
+    assert tags and all(t.startswith("router/val_images/") and "/routed_node" in t for t in tags)
+    image = events.Images(tags[0])[-1]
+    assert image.width == 3 * image.height  # LQ | output | GT side by side
+
+
+@pytest.mark.slow
 def test_export_matches_distributed_model(pipeline, tmp_path):
     from unirestorer.model.unirestorer import UniRestorer
     from unirestorer.train.export import export
@@ -272,7 +284,7 @@ def test_balanced_weights_give_each_leaf_an_equal_share():
 
 
 def test_level_schedule():
-    from unirestorer.train.stage_experts import lr_lambda
+    from unirestorer.train.stage import lr_lambda
 
     f = lr_lambda(start=2, warmup=2, total=10, floor=0.1, schedule="cosine")
     assert [f(s) for s in (0, 1, 2, 3)] == [0.0, 0.0, 0.5, 1.0]

@@ -1,7 +1,7 @@
 """A tiny real DeepSpeed training run (nn.Linear, ZeRO-2, CPU gloo) that uses the whole run machinery:
 launch env, config + flags, ds_config merge, checkpoints, RNG/data state, preemption.
 
-Run by tests through launch/cpu_ranks.sh and launch/slurm.sbatch. Every RNG source feeds the loss, so
+Run by tests/test_run_state.py through launch/cpu_ranks.sh. Every RNG source feeds the loss, so
 equal losses and weights after a resume prove that every source was restored. Writes
 OUT/rank{r}_run{k}.jsonl (k = SLURM_RESTART_COUNT or 0): one line per step as it is done, then a final
 line with the weights; and OUT/progress (last step done, rank 0).

@@ -110,7 +110,6 @@ class LogConfig:
     every: int = 10  # steps between JSON log lines / TensorBoard scalars
     val_every: int = 500
     val_batches: int = 8  # per rank, from data.val_shards
-    image_every: int = 1000
 
 
 @dataclass

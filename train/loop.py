@@ -190,6 +190,7 @@ def run(stage: Stage, cfg: RunConfig, info: DistInfo) -> int:
                     val = stage.validate(step)
                 if val:
                     monitor.scalars(step, val, prefix="val")
+                monitor.images(step, getattr(stage, "images", dict)())
             monitor.advance(step, shown)
             if stop or step % every == 0:
                 save()

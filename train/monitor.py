@@ -45,6 +45,12 @@ class Monitor:
         self.bar.write(f"[metrics] {text}", file=sys.stdout)
         sys.stdout.flush()
 
+    def images(self, step: int, images: dict[str, Any], prefix: str = "val_images") -> None:
+        """CHW float images in [0, 1] as TensorBoard images `stage/prefix/tag`."""
+        if self.rank == 0:
+            for tag, image in images.items():
+                self.writer.add_image(f"{self.stage}/{prefix}/{tag}", image, step)
+
     def advance(self, step: int, postfix: dict[str, float] | None = None) -> None:
         if self.rank == 0:
             if postfix:

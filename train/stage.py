@@ -19,6 +19,8 @@ Optional methods the spine calls only when present (`getattr`):
         the stage's own random generators; their states are saved per rank and restored on resume.
     images_per_step() -> int
         images one rank processes per step, for the images/s log (default: the micro batch size).
+    images() -> dict[str, Tensor]
+        CHW images captured by the last `validate` (LQ | output | GT grids), written to TensorBoard by rank 0.
 
 Non-finite losses: the spine all-reduces an "is finite" flag, so a stage never needs its own NaN check.
 `forward`'s metrics are averaged over ranks at every `log.every` step: every rank must return the same keys.
@@ -32,7 +34,7 @@ NaN.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 import torch
 
@@ -62,20 +64,29 @@ class Stage(Protocol):
         """Held-out metrics (may be empty); called on every rank at `log.val_every`."""
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, cfg: RunConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """`train.schedule` (cosine | constant) after `train.warmup_steps` of linear warmup, down to
-    `train.min_lr`; pass it as `lr_scheduler=` to deepspeed.initialize (DeepSpeed steps and saves it)."""
-    t = cfg.train
-    if t.schedule not in ("cosine", "constant"):
-        raise ValueError(f"train.schedule must be 'cosine' or 'constant', got {t.schedule!r}")
-    floor = t.min_lr / t.lr if t.lr > 0 else 0.0
+def lr_lambda(start: int, warmup: int, total: int, floor: float, schedule: str) -> Callable[[int], float]:
+    """LR factor at optimizer step s: 0 before `start`, linear warmup, then `schedule` (cosine down to the
+    factor `floor`, or constant) until `total`."""
+    if schedule not in ("cosine", "constant"):
+        raise ValueError(f"train.schedule must be 'cosine' or 'constant', got {schedule!r}")
 
     def factor(step: int) -> float:
-        if step < t.warmup_steps:
-            return (step + 1) / t.warmup_steps
-        if t.schedule == "constant":
+        t = step - start
+        if t < 0:
+            return 0.0
+        if t < warmup:
+            return (t + 1) / warmup
+        if schedule == "constant":
             return 1.0
-        progress = min((step - t.warmup_steps) / max(t.max_steps - t.warmup_steps, 1), 1.0)
+        progress = min(1.0, (t - warmup) / max(1, total - start - warmup))
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return factor
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, cfg: RunConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """`train.schedule` after `train.warmup_steps` of linear warmup, down to `train.min_lr`; pass it as
+    `lr_scheduler=` to deepspeed.initialize (DeepSpeed steps and saves it)."""
+    t = cfg.train
+    floor = t.min_lr / t.lr if t.lr > 0 else 0.0
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(0, t.warmup_steps, t.max_steps, floor, t.schedule))

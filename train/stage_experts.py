@@ -39,6 +39,7 @@ from unirestorer.parallel.dispatch import CommTimer
 from unirestorer.parallel.placement import plan_placement
 from unirestorer.parallel.tree_moe import TreeMoE, check_ds_config, moe_param_groups
 from unirestorer.train.config import ConfigError, RunConfig, build_ds_config
+from unirestorer.train.stage import lr_lambda
 from unirestorer.train.stage_cluster import load_extractor
 from unirestorer.train.weights import load_submodule, read_checkpoint
 
@@ -155,8 +156,16 @@ def all_sum(x: Tensor) -> Tensor:
     return x
 
 
+def image_grids(lq: Tensor, out: Tensor, gt: Tensor, nodes: Tensor, tasks: list[str], what: str,
+                n: int = 4) -> dict[str, Tensor]:
+    """TensorBoard images: LQ | output | GT side by side, tagged with the task and the expert's node."""
+    return {f"{i}_{task}/{what}_node{int(node)}": torch.cat([lq[i], out[i].float().clamp(0, 1), gt[i]], dim=2).cpu()
+            for i, (task, node) in enumerate(zip(tasks[:n], nodes[:n]))}
+
+
 def validate_psnr(engine: Any, tree: DegradationTree, stream: Iterable[dict],
-                  nodes_of: Callable[[Tensor, Tensor], Tensor], names: list[str]) -> dict[str, float]:
+                  nodes_of: Callable[[Tensor, Tensor], Tensor], names: list[str],
+                  grids: dict[str, Tensor] | None = None) -> dict[str, float]:
     """Mean PSNR per task of the experts `nodes_of(embeddings, paths) -> [B, len(names)]` picks (and of the
     input); every rank takes part."""
     module, n_tasks = engine.module, len(tree.task_names)
@@ -171,7 +180,10 @@ def validate_psnr(engine: Any, tree: DegradationTree, stream: Iterable[dict],
             task = torch.tensor([tree.task_names.index(t) if t in tree.task_names else n_tasks
                                  for t in batch["task"]], dtype=torch.long)
             e = module.extractor.embed(lq)
-            out = engine(lq.to(param.dtype), nodes_of(e, tree.path(e).to(param.device)))
+            nodes = nodes_of(e, tree.path(e).to(param.device))
+            out = engine(lq.to(param.dtype), nodes)
+            if grids is not None and not grids:
+                grids.update(image_grids(lq, out[:, 0], gt, nodes[:, 0], batch["task"], names[0]))
             for col in range(len(names)):
                 sums[col].index_add_(0, task, psnr(out[:, col], gt).double().cpu())
             sums[-1].index_add_(0, task, psnr(lq, gt).double().cpu())
@@ -205,29 +217,6 @@ def balanced_weights(tree: DegradationTree, tasks: list[str | None]) -> list[flo
     share = (leaves / leaves.sum(1, keepdim=True).clamp_min(1)).mean(0)  # per task
     per_set = [float(share[tree.task_names.index(t)]) / tasks.count(t) for t in tasks]
     return per_set if sum(per_set) > 0 else None
-
-
-def lr_lambda(start: int, warmup: int, total: int, floor: float, schedule: str) -> Callable[[int], float]:
-    """LR factor at optimizer step s: 0 before the level starts, linear warmup, then cosine to `floor`."""
-    def factor(step: int) -> float:
-        t = step - start
-        if t < 0:
-            return 0.0
-        if t < warmup:
-            return (t + 1) / warmup
-        if schedule == "constant":
-            return 1.0
-        progress = min(1.0, (t - warmup) / max(1, total - start - warmup))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-    return factor
-
-
-def continue_schedule(engine: Any, steps: int) -> None:
-    """An elastic resume starts DeepSpeed's LR scheduler fresh: move it to the optimizer step the run was at."""
-    sched = engine.lr_scheduler
-    if sched.last_epoch != steps:
-        sched.last_epoch = steps - 1
-        sched.step()
 
 
 class ExpertsStage:
@@ -369,7 +358,7 @@ class ExpertsStage:
     def state(self) -> dict[str, Any]:
         return {**tree_to_state(self.tree), "extractor_config": json.dumps(self.extractor_config),
                 "expert_spec": json.dumps(self.spec), "images_seen": self.seen.clone(),
-                "levels_started": sorted(self.started), "lr_steps": self.engine.lr_scheduler.last_epoch}
+                "levels_started": sorted(self.started)}
 
     def load_state(self, state: dict[str, Any]) -> None:
         saved = tree_from_state(state, "checkpoint client state")
@@ -377,14 +366,18 @@ class ExpertsStage:
             raise ConfigError("the checkpoint was trained on another tree than tree.path / the init checkpoint's")
         self.seen = state["images_seen"].double().cpu()
         self.started |= set(state["levels_started"])
-        continue_schedule(self.engine, int(state["lr_steps"]))
 
     def validate(self, step: int) -> dict[str, float]:
         if not self.cfg.data.val_shards:
             return {}
         sc = stream_config(self.cfg, self.micro_batch, self.cfg.data.val_shards, None, val=True)
         loader = make_loader(sc, self.dist.rank, self.dist.world_size, restart=0)
-        return validate_psnr(self.engine, self.tree, loader, lambda e, paths: paths[:, [0, -1]], ["root", "leaf"])
+        self.grids = {}
+        return validate_psnr(self.engine, self.tree, loader, lambda e, paths: paths[:, [-1, 0]], ["leaf", "root"],
+                             self.grids)
+
+    def images(self) -> dict[str, Tensor]:
+        return self.grids
 
 
 def make_stage() -> ExpertsStage:

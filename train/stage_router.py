@@ -30,9 +30,10 @@ from unirestorer.model.router import Route, Router, gate
 from unirestorer.parallel.tree_moe import TreeMoE, check_ds_config, moe_param_groups
 from unirestorer.train.checkpoint import CheckpointError
 from unirestorer.train.config import ConfigError, RunConfig, build_ds_config
-from unirestorer.train.stage_experts import (TreeModule, all_sum, check_placement, continue_schedule,
-                                             expert_spec, load_init, lr_lambda, node_factory, stream_config,
+from unirestorer.train.stage_experts import (TreeModule, all_sum, check_placement,
+                                             expert_spec, load_init, node_factory, stream_config,
                                              tree_from_state, tree_to_state, validate_psnr)
+from unirestorer.train.stage import warmup_cosine
 from unirestorer.train.weights import read_checkpoint
 
 
@@ -74,10 +75,8 @@ class RouterStage:
         t = cfg.train
         groups = moe_param_groups(module, weight_decay=t.weight_decay)
         optimizer = torch.optim.Adam(groups, lr=t.lr, betas=tuple(t.betas))
-        factor = lr_lambda(0, t.warmup_steps, t.max_steps, t.min_lr / t.lr if t.lr > 0 else 0.0, t.schedule)
-        self.engine, *_ = deepspeed.initialize(
-            model=module, optimizer=optimizer, config=ds,
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor))
+        self.engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds,
+                                               lr_scheduler=warmup_cosine(optimizer, cfg))
         if dist_info.rank == 0:
             print(f"[router] experts from {cfg.train.init_ckpt} (frozen, {self.spec}); router "
                   f"{sum(p.numel() for p in router.parameters()) / 1e6:.3f}M params trained with ZeRO stage 0 in "
@@ -117,14 +116,12 @@ class RouterStage:
 
     def state(self) -> dict[str, Any]:
         return {**tree_to_state(self.tree), "extractor_config": json.dumps(self.extractor_config),
-                "expert_spec": json.dumps(self.spec), "router_config": json.dumps(self.engine.module.router.config),
-                "lr_steps": self.engine.lr_scheduler.last_epoch}
+                "expert_spec": json.dumps(self.spec), "router_config": json.dumps(self.engine.module.router.config)}
 
     def load_state(self, state: dict[str, Any]) -> None:
         saved = tree_from_state(state, "checkpoint client state")
         if not torch.equal(saved.centroids, self.tree.centroids) or saved.level_sizes != self.tree.level_sizes:
             raise ConfigError("the checkpoint's router was trained on another tree than the init checkpoint's")
-        continue_schedule(self.engine, int(state["lr_steps"]))
 
     def validate(self, step: int) -> dict[str, float]:
         if not self.cfg.data.val_shards:
@@ -142,11 +139,15 @@ class RouterStage:
         was = router.training
         router.eval()
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
-            out = validate_psnr(self.engine, self.tree, loader, nodes_of, ["routed", "oracle_leaf"])
+            self.grids = {}
+            out = validate_psnr(self.engine, self.tree, loader, nodes_of, ["routed", "oracle_leaf"], self.grids)
         router.train(was)
         merged = Route(*(torch.cat([getattr(r, f) for r, _ in routes]) for f in
                          ("node", "leaf", "level", "g", "p_leaf", "p_level", "leaf_logits", "level_logits")))
         return out | self.routing(merged, torch.cat([p for _, p in routes]), prefix="route")
+
+    def images(self) -> dict[str, Tensor]:
+        return self.grids
 
 
 def make_stage() -> RouterStage:
