@@ -22,13 +22,7 @@ CPU_PRESETS = ("tiny", "small")  # "paper" is only constructed: 17-26M params is
 CASES = [(name, preset) for name in EXPERTS for preset in EXPERTS[name] if preset in CPU_PRESETS]
 PAPER_PARAMS = {"restormer": (26.0e6, 26.2e6), "nafnet": (17.0e6, 17.2e6)}  # Restormer 26.13M, NAFNet-w32 GoPro 17.11M
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core box: more threads only add contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 

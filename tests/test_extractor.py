@@ -19,13 +19,7 @@ from unirestorer.model.extractor import (
 
 SMALL = dict(backbone="test_resnet", embed_dim=32, proj_dim=16, crop=32, n_crops=3)  # timm's 0.37M test net
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core box: more threads only add contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 

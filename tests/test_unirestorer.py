@@ -15,14 +15,7 @@ from unirestorer.model.unirestorer import UniRestorer, dispatch
 
 SPEC = {"name": "nafnet", "preset": "tiny"}
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convs on a shared 2-core machine: one thread avoids oversubscription stalls (10x here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 class PoolExtractor(nn.Module):

@@ -1,0 +1,132 @@
+"""`unirestorer demo`: its data split, stage configs, logging and table, then the whole run end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from unirestorer import demo
+from unirestorer.data_shards.degradations import TASKS
+from unirestorer.evaluate import METHODS
+from unirestorer.train.config import load_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_heldout_crops_come_only_from_heldout_photos_and_every_task_degrades_them(tmp_path: Path) -> None:
+    assert not set(demo.TRAIN_PHOTOS) & set(demo.HELDOUT_PHOTOS)
+    photos = demo.save_photos(tmp_path / "photos", demo.HELDOUT_PHOTOS)
+    crops = demo.save_crops(photos, tmp_path / "clean", 64, 3)
+    assert len(crops) == 6 and {p.name.split("_")[0] for p in crops} == {"chelsea", "stereo"}
+    for crop in crops:  # the crop is the photo's pixels at the grid cell its name gives
+        y, x = map(int, crop.stem.rsplit("_", 2)[1:])
+        photo = np.asarray(Image.open(tmp_path / "photos" / f"{crop.stem.rsplit('_', 2)[0]}.png"))
+        assert np.array_equal(np.asarray(Image.open(crop)), photo[y * 64 : (y + 1) * 64, x * 64 : (x + 1) * 64])
+    folders = demo.degrade_heldout(tmp_path / "clean", tmp_path / "lq", ("noise", "lowlight"))
+    for task, folder in folders.items():
+        assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in crops)
+        lq, gt = (np.asarray(Image.open(d / crops[0].name), dtype=np.float64) for d in (folder, tmp_path / "clean"))
+        assert lq.shape == gt.shape and np.abs(lq - gt).mean() > 2, task  # really degraded
+    again = demo.degrade_heldout(tmp_path / "clean", tmp_path / "lq2", ("noise",))["noise"]
+    assert (again / crops[0].name).read_bytes() == (folders["noise"] / crops[0].name).read_bytes()  # fixed seed
+
+
+def test_stage_configs_fit_the_schema_and_chain_the_stages(tmp_path: Path) -> None:
+    configs = demo.stage_configs(tmp_path, ["a/{000000..000001}.tar", "b/shard-000000.tar"], demo.FULL, 0.5)
+    assert list(configs) == list(demo.STAGES)
+    loaded = {}
+    for stage, config in configs.items():
+        demo.write_toml(tmp_path / f"{stage}.toml", config)
+        loaded[stage] = load_config(tmp_path / f"{stage}.toml")  # unknown keys or wrong types would raise
+    ck = tmp_path / "checkpoints"
+    assert loaded["extractor"].train.init_ckpt is None
+    assert [loaded[s].train.init_ckpt for s in demo.STAGES[1:]] == [str(ck / s) for s in ("extractor", "extractor", "experts")]
+    assert {loaded[s].ckpt.dir for s in demo.STAGES} == {str(ck / s) for s in demo.STAGES}
+    assert loaded["experts"].train.max_steps == demo.FULL.steps["experts"] // 2  # --steps-scale 0.5
+    assert loaded["router"].deepspeed.micro_batch == demo.FULL.micro_batch["router"]
+    assert "max_steps" not in configs["cluster"]["train"]  # not a training loop
+    assert loaded["experts"].tree.levels == [1, 4, 8] and loaded["router"].tree.path == str(ck / "tree")
+    assert loaded["experts"].data.train_shards == ["a/{000000..000001}.tar", "b/shard-000000.tar"]
+    assert (loaded["experts"].model.arch, loaded["experts"].model.preset) == ("nafnet", "tiny")
+
+
+def test_out_folder_is_reused_only_when_an_earlier_demo_made_it(tmp_path: Path) -> None:
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("x")
+    with pytest.raises(FileExistsError, match="not an earlier demo's folder"):
+        demo.prepare_out(tmp_path / "mine")
+    out = tmp_path / "demo"
+    demo.prepare_out(out)
+    (out / "checkpoints" / "experts").mkdir(parents=True)
+    (out / "notes.txt").write_text("kept")
+    demo.prepare_out(out)  # a second demo run starts clean but leaves other files alone
+    assert not (out / "checkpoints").exists() and (out / "notes.txt").read_text() == "kept"
+
+
+def test_a_failing_command_returns_its_code_and_its_output_is_logged(tmp_path: Path, capfd) -> None:
+    cmd = [sys.executable, "-c", "import sys; print('step 1'); print('boom', file=sys.stderr); sys.exit(3)"]
+    assert demo.run_logged(cmd, dict(os.environ), tmp_path / "logs" / "x.log") == 3
+    log = (tmp_path / "logs" / "x.log").read_text()
+    assert "step 1" in log and "boom" in log and "step 1" in capfd.readouterr().out
+
+
+def test_terminal_hides_deepspeed_info_and_the_config_json_but_keeps_bars_live(tmp_path: Path, capfdbinary) -> None:
+    t = demo.Terminal(tmp_path / "x.log")
+    t.feed(b"[2026-11-26 13:28:48,133] [INFO] [launch.py:152:main] WORLD INFO DICT\n[config] stage x\n{\n")
+    t.feed(b'  "data": 1\n}\nkept\n\rexperts:  10%')
+    assert capfdbinary.readouterr().out == f"[config] stage x (full config in {tmp_path / 'x.log'})\nkept\n".encode() + b"\rexperts:  10%"
+    t.feed(b"\rexperts:  20%|\n[2026-11-26 13:28:48,133] [WARNING] [runner.py] no hostfile\n")
+    assert capfdbinary.readouterr().out == b"\rexperts:  20%|\n[2026-11-26 13:28:48,133] [WARNING] [runner.py] no hostfile\n"
+
+
+def test_summary_table_has_every_task_and_method(tmp_path: Path, tiny_bundle: str, one_thread) -> None:
+    photos = demo.save_photos(tmp_path / "photos", demo.HELDOUT_PHOTOS)
+    demo.save_crops(photos, tmp_path / "clean", 32, 1)
+    heldout = demo.degrade_heldout(tmp_path / "clean", tmp_path / "lq", ("noise", "jpeg"))
+    (tmp_path / "eval").mkdir()
+    records = demo.evaluate_tasks(Path(tiny_bundle), heldout, tmp_path / "clean", tmp_path / "eval", "cpu")
+    table = demo.summary_table(records)
+    assert table.splitlines()[0] == "| task | n | " + " | ".join(METHODS) + " | routed levels |"
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
+    assert list(rows) == ["noise", "jpeg", "**mean**"]
+    for task, recs in records.items():
+        assert len(recs) == 2
+        cells = [float(c) for c in rows[task].split("|")[3:8]]
+        assert cells == pytest.approx([np.mean([r[f"{m}_psnr"] for r in recs]) for m in METHODS], abs=0.006)
+        assert cells[4] >= max(cells[1:4]) - 1e-9  # oracle >= root, leaf, routed
+    assert {p.name for p in (tmp_path / "eval").iterdir()} == {
+        "results.md", "noise.csv", "jpeg.csv", "noise_grid.png", "jpeg_grid.png"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_quick_demo_runs_end_to_end(tmp_path: Path) -> None:
+    """The real thing on tiny settings: shards, four stages on 2 CPU ranks through deepspeed, export,
+    restore, eval."""
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "unirestorer.cli", "demo", "--out", str(out), "--quick"],
+                          capture_output=True, text=True, timeout=580, cwd=tmp_path)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    for phase in range(1, 10):
+        assert f"phase {phase}/9" in proc.stdout
+    assert (out / "bundle" / "bundle.json").is_file() and (out / "bundle" / "weights.safetensors").is_file()
+    crops = sorted(p.name for p in (out / "heldout" / "clean").iterdir())
+    for task in TASKS:
+        assert sorted(p.name for p in (out / "restored" / task).iterdir()) == crops
+    summary = json.loads((out / "eval" / "summary.json").read_text())
+    assert list(summary) == list(TASKS)
+    for task, images in summary.items():
+        assert sorted(f"{n}.png" for n in images) == crops
+        for r in images.values():
+            assert r["oracle_psnr"] >= max(r["root_psnr"], r["leaf_psnr"], r["routed_psnr"]) - 1e-9
+        assert re.search(rf"^\| {task} \| {len(crops)} \|( [\d.]+ \|){{5}}", proc.stdout, re.M), task
+    assert "| **mean** |" in proc.stdout and f"Everything is in {out}" in proc.stdout
+    assert any((out / "tensorboard" / "tb").glob("events.out.tfevents.*"))
