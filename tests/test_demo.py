@@ -53,7 +53,7 @@ def test_stage_configs_fit_the_schema_and_chain_the_stages(tmp_path: Path) -> No
     assert loaded["experts"].train.max_steps == demo.FULL.steps["experts"] // 2  # --steps-scale 0.5
     assert loaded["router"].deepspeed.micro_batch == demo.FULL.micro_batch["router"]
     assert "max_steps" not in configs["cluster"]["train"]  # not a training loop
-    assert loaded["experts"].tree.levels == [1, 4, 8] and loaded["router"].tree.path == str(ck / "tree")
+    assert loaded["experts"].tree.levels == list(demo.FULL.levels) and loaded["router"].tree.path == str(ck / "tree")
     assert loaded["experts"].data.train_shards == ["a/{000000..000001}.tar", "b/shard-000000.tar"]
     assert (loaded["experts"].model.arch, loaded["experts"].model.preset) == ("nafnet", "tiny")
 
@@ -94,7 +94,7 @@ def test_summary_table_has_every_task_and_method(tmp_path: Path, tiny_bundle: st
     (tmp_path / "eval").mkdir()
     records = demo.evaluate_tasks(Path(tiny_bundle), heldout, tmp_path / "clean", tmp_path / "eval", "cpu")
     table = demo.summary_table(records)
-    assert table.splitlines()[0] == "| task | n | " + " | ".join(METHODS) + " | routed levels |"
+    assert table.splitlines()[0] == "| task | n | " + " | ".join(METHODS) + " | images routed to level 0/1/2 |"
     rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
     assert list(rows) == ["noise", "jpeg", "**mean**"]
     for task, recs in records.items():
