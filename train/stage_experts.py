@@ -368,11 +368,11 @@ class ExpertsStage:
         self.started |= set(state["levels_started"])
 
     def validate(self, step: int) -> dict[str, float]:
+        self.grids = {}
         if not self.cfg.data.val_shards:
             return {}
         sc = stream_config(self.cfg, self.micro_batch, self.cfg.data.val_shards, None, val=True)
         loader = make_loader(sc, self.dist.rank, self.dist.world_size, restart=0)
-        self.grids = {}
         return validate_psnr(self.engine, self.tree, loader, lambda e, paths: paths[:, [-1, 0]], ["leaf", "root"],
                              self.grids)
 

@@ -124,6 +124,7 @@ class RouterStage:
             raise ConfigError("the checkpoint's router was trained on another tree than the init checkpoint's")
 
     def validate(self, step: int) -> dict[str, float]:
+        self.grids = {}
         if not self.cfg.data.val_shards:
             return {}
         router = self.engine.module.router
@@ -139,7 +140,6 @@ class RouterStage:
         was = router.training
         router.eval()
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
-            self.grids = {}
             out = validate_psnr(self.engine, self.tree, loader, nodes_of, ["routed", "oracle_leaf"], self.grids)
         router.train(was)
         merged = Route(*(torch.cat([getattr(r, f) for r, _ in routes]) for f in
