@@ -38,12 +38,16 @@ def test_rank_env_from_slurm() -> None:
 
 @pytest.fixture()
 def local_slurm():
-    """Install (apt, ~11 s the first time) and start a private Slurm; stop it afterwards."""
+    """Install (apt, ~11 s the first time) and start a private Slurm; stop it afterwards.
+
+    Skipped (the issue's one allowed reason) only where Slurm cannot be installed; CI runs as root with
+    apt, so there the same condition is a failure, never a silent skip."""
+    unavailable = pytest.fail if os.environ.get("CI") else pytest.skip
     if os.geteuid() != 0:
-        pytest.skip("local Slurm needs root (SlurmUser=root)")
+        unavailable("local Slurm needs root (SlurmUser=root)")
     install = subprocess.run([str(SLURM_TOOLS / "install.sh")], capture_output=True, text=True, timeout=600)
     if install.returncode != 0:
-        pytest.skip(f"Slurm cannot be installed here: {(install.stdout + install.stderr)[-500:]}")
+        unavailable(f"Slurm cannot be installed here: {(install.stdout + install.stderr)[-500:]}")
     run_dir = tempfile.mkdtemp(prefix="ur-slurm-", dir="/tmp")  # short: Unix socket paths <= 108 bytes
     env = {**os.environ, "SLURM_LOCAL_DIR": run_dir, "SLURM_CTLD_PORT": str(free_port()),
            "SLURMD_PORT": str(free_port())}
