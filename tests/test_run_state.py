@@ -192,13 +192,13 @@ def test_deepspeed_checkpoint_crash_and_exact_resume(tmp_path: Path) -> None:
     codes, output = run_tiny(2, tmp_path, "resume", "--resume", "auto", launcher=True)
     assert codes == [0], output[-3000:]
     for rank in range(2):
-        _, before, _ = read_log(tmp_path / "crash" / f"rank{rank}_run0.jsonl")
-        head, after, done = read_log(tmp_path / "resume" / f"rank{rank}_run0.jsonl")
+        _, before, _ = read_log(tmp_path / "crash" / f"rank{rank}.jsonl")
+        head, after, done = read_log(tmp_path / "resume" / f"rank{rank}.jsonl")
         assert head["world"] == 2 and head["rank"] == rank and head["resumed_from"] == 2
         assert sorted(before) == [1, 2, 3, 4] and sorted(after) == [3, 4, 5, 6]
         assert [after[3], after[4]] == [before[3], before[4]]
         assert done["done"] == 6
-    weights = [read_log(tmp_path / "resume" / f"rank{r}_run0.jsonl")[2]["weights"] for r in range(2)]
+    weights = [read_log(tmp_path / "resume" / f"rank{r}.jsonl")[2]["weights"] for r in range(2)]
     assert weights[0] == weights[1]
     assert sorted(p.name for p in root.glob("step_*")) == ["step_00000004", "step_00000006"]
     assert (root / "latest").read_text() == "step_00000006"
@@ -211,6 +211,6 @@ def test_deepspeed_checkpoint_crash_and_exact_resume(tmp_path: Path) -> None:
     codes, output = run_tiny(1, tmp_path, "elastic", "--max-steps", "7")
     assert codes == [0], output[-3000:]
     assert "elastic resume" in output and "written by 2 ranks, this run has 1" in output
-    head, losses, done = read_log(tmp_path / "elastic" / "rank0_run0.jsonl")
+    head, losses, done = read_log(tmp_path / "elastic" / "rank0.jsonl")
     assert head["world"] == 1 and head["resumed_from"] == 6 and head["weights"] == weights[0]
     assert sorted(losses) == [7] and done["done"] == 7

@@ -3,7 +3,7 @@ launch env, config + flags, ds_config merge, checkpoints, RNG/data state, preemp
 
 Run by tests/test_run_state.py through launch/cpu_ranks.sh. Every RNG source feeds the loss, so
 equal losses and weights after a resume prove that every source was restored. Writes
-OUT/rank{r}_run{k}.jsonl (k = SLURM_RESTART_COUNT or 0): one line per step as it is done, then a final
+OUT/rank{r}.jsonl: one line per step as it is done, then a final
 line with the weights; and OUT/progress (last step done, rank 0).
 """
 
@@ -59,11 +59,9 @@ def main() -> None:
             restore_rng(rank_state["rng"], gens)
             data = DataPosition.from_dict(rank_state["data"])
 
-    run = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
-    log = open(args.out / f"rank{info.rank}_run{run}.jsonl", "a", buffering=1)
+    log = open(args.out / f"rank{info.rank}.jsonl", "a", buffering=1)
     log.write(json.dumps({"rank": info.rank, "world": info.world_size, "local_rank": info.local_rank,
-                          "resumed_from": resumed_from, "weights": engine.module.weight.detach().flatten().tolist(),
-                          "master": [os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]]}) + "\n")
+                          "resumed_from": resumed_from, "weights": engine.module.weight.detach().flatten().tolist()}) + "\n")
     micro = engine.train_micro_batch_size_per_gpu()
     while step < cfg.train.max_steps:
         x = torch.randn(micro, 8, generator=gens["data"])
