@@ -78,7 +78,7 @@ def batches(mode: str, args, spec: str, paths: list[Path]):
         loader = torch.utils.data.DataLoader(PromptIRStyle(paths, args.patch), batch_size=args.batch_size,
                                              shuffle=True, num_workers=0, drop_last=True)  # fmt: skip
         return (batch for _ in range(n) for batch in loader)
-    online = {"stored": {}, "noise_mix": {"online": True, "online_sigmas": SIGMAS}, "full_mix": {"online": True}}
+    online = {"stored": {}, "noise_mix": {"online": True, "online_sigmas": SIGMAS}, "full_mix": {"online": True, "online_tasks": TASKS}}
     cfg = StreamConfig(sources=[spec], patch=args.patch, batch_size=args.batch_size, num_workers=0,
                        shuffle_buffer=256, batches_per_epoch=n, seed=args.seed, **online[mode])  # fmt: skip
     return iter(make_loader(cfg))

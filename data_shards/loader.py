@@ -21,7 +21,10 @@ from `SeedSequence([seed, rank, worker, restart, epoch])`, the shared shard orde
 replay the interrupted stream: it calls `make_loader(cfg, rank, world, restart=previous + 1)` and
 continues with a fresh, equally reproducible stream (optionally `loader.epoch = saved_epoch`).
 
-Online mode degrades the cropped 8-bit gt and rounds the result to 8 bits, like the stored PNGs.
+Online mode degrades the cropped 8-bit gt and rounds the result to 8 bits, like the stored PNGs. By
+default each sample gets fresh parameters of its own stored task (so shard-set mixing weights keep
+their meaning, and real pairs keep their real LQ); `online_tasks` draws tasks uniformly instead, and
+`online_sigmas` is the noise-only path.
 
 Safety: only `lq.*`/`gt.*` images (PNG/JPEG) and `json` are ever decoded; other members are
 ignored, never unpickled. A corrupt shard (unreadable, not a tar, truncated, failing pipe: command)
@@ -50,7 +53,7 @@ from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from unirestorer.data_shards.augment import crop_pair
-from unirestorer.data_shards.degradations import SIGMA, TASKS, apply_label, synthesize, to_uint8
+from unirestorer.data_shards.degradations import DEGRADATIONS, SIGMA, TASKS, apply_label, synthesize, to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +77,7 @@ class StreamConfig:
     seed: int = 0
     augment: bool = True  # flips and 90° rotations (random crops always)
     online: bool = False  # re-degrade gt with fresh parameters instead of the stored lq
-    online_tasks: tuple[str, ...] = TASKS  # tasks drawn uniformly per sample in online mode
+    online_tasks: tuple[str, ...] = ()  # online: tasks drawn uniformly per sample; () = each sample's own task
     online_sigmas: tuple[float, ...] = ()  # online noise-only path: Gaussian sigma (0..255) from this set
     pin_memory: bool = False
 
@@ -93,10 +96,9 @@ class StreamConfig:
             raise ValueError("StreamConfig.num_workers and shuffle_buffer must be >= 0")
         if self.online_sigmas and not self.online:
             raise ValueError("StreamConfig.online_sigmas needs online=True")
-        if self.online and not self.online_sigmas:
-            unknown = [t for t in self.online_tasks if t not in TASKS]
-            if unknown or not self.online_tasks:
-                raise ValueError(f"online_tasks {unknown or '()'} not in {', '.join(TASKS)}")
+        unknown = [t for t in self.online_tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"online_tasks {unknown} not in {', '.join(TASKS)}")
 
 
 def expand_source(spec: str) -> list[str]:
@@ -286,7 +288,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         batch = []
         for raw in samples:
             try:
-                item = decode(raw, not cfg.online, cfg.patch)
+                item = decode(raw, not cfg.online or own_task_online(cfg), cfg.patch)
             except ValueError as exn:
                 skips.sample_error(raw, exn)
                 continue
@@ -298,19 +300,32 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def make_pair(self, key: str, item: dict, rng: np.random.Generator) -> dict:
         """Crop and augment (same transform for lq and gt), then re-degrade gt in online mode."""
-        cfg = self.cfg
-        images = [item["gt"]] if cfg.online else [item["gt"], item["lq"]]
+        cfg, meta = self.cfg, item["meta"]
+        images = [item["gt"], item["lq"]] if "lq" in item else [item["gt"]]
         gt, *lq = crop_pair(images, cfg.patch, rng, cfg.augment)
-        if not cfg.online:
-            meta = item["meta"]
-            return {"gt": gt, "lq": lq[0], "task": meta["task"], "label": meta.get("label", {}), "key": key}
+        stored = {"gt": gt, "lq": lq[0] if lq else None, "task": meta["task"], "label": meta.get("label", {}), "key": key}
+        if not cfg.online or (own_task_online(cfg) and not resynthesizable(stored["label"])):
+            return stored  # real pairs keep their real degradation
         clean = gt.astype(np.float32) * np.float32(1 / 255)
         if cfg.online_sigmas:
             label = noise_label(float(cfg.online_sigmas[rng.integers(len(cfg.online_sigmas))]))
             degraded = apply_label(clean, label, rng)
+        elif own_task_online(cfg):
+            degraded, label = synthesize(clean, meta["task"], rng)
         else:
             degraded, label = synthesize(clean, cfg.online_tasks[rng.integers(len(cfg.online_tasks))], rng)
         return {"gt": gt, "lq": to_uint8(degraded), "task": label["task"], "label": label, "key": key}
+
+
+def own_task_online(cfg: StreamConfig) -> bool:
+    """Online mode that re-degrades every sample with fresh parameters of its own stored task."""
+    return cfg.online and not cfg.online_sigmas and not cfg.online_tasks
+
+
+def resynthesizable(label: dict) -> bool:
+    """A label our synthesis made (every component a known type); real pairs are not."""
+    components = label.get("components") or []
+    return bool(components) and all(c.get("type") in DEGRADATIONS for c in components)
 
 
 def noise_label(sigma: float) -> dict:

@@ -5,12 +5,14 @@ backbone trained from scratch on the labels our shards carry. It only ever sees 
 crops (resizing erases noise); at inference it averages the embeddings of several seeded crops.
 Heads on the embedding: family logits (multi-label: mixtures have several), per-family intensity
 in [0, 1], and a normalised projection for a supervised contrastive loss over (type, intensity bin).
+The family list is part of the extractor's config, so a bundle keeps the families it was trained on
+when the synthesis gains new ones.
 """
 
 from __future__ import annotations
 
 import zlib
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import timm
 import torch
@@ -36,15 +38,18 @@ class ExtractorTargets(NamedTuple):
 
 class DegradationExtractor(nn.Module):
     def __init__(
-        self, backbone: str = "resnet10t", embed_dim: int = 256, proj_dim: int = 128, crop: int = 64, n_crops: int = 4
+        self, backbone: str = "resnet10t", embed_dim: int = 256, proj_dim: int = 128, crop: int = 64,
+        max_crops: int = 16, families: Sequence[str] = FAMILIES,
     ) -> None:
         super().__init__()
-        self.config = dict(backbone=backbone, embed_dim=embed_dim, proj_dim=proj_dim, crop=crop, n_crops=n_crops)
-        self.crop, self.n_crops = crop, n_crops
+        self.families = list(families)
+        self.config = dict(backbone=backbone, embed_dim=embed_dim, proj_dim=proj_dim, crop=crop, max_crops=max_crops,
+                           families=self.families)
+        self.crop, self.max_crops = crop, max_crops
         self.backbone = timm.create_model(backbone, pretrained=False, num_classes=0)
         self.embed_head = nn.Linear(self.backbone.num_features, embed_dim)
-        self.family_head = nn.Linear(embed_dim, len(FAMILIES))
-        self.intensity_head = nn.Linear(embed_dim, len(FAMILIES))
+        self.family_head = nn.Linear(embed_dim, len(self.families))
+        self.intensity_head = nn.Linear(embed_dim, len(self.families))
         self.projection = nn.Sequential(nn.Linear(embed_dim, embed_dim), nn.ReLU(), nn.Linear(embed_dim, proj_dim))
 
     def forward(self, x: torch.Tensor) -> ExtractorOutput:
@@ -55,52 +60,60 @@ class DegradationExtractor(nn.Module):
         )
 
     @torch.no_grad()
-    def embed(
-        self, images: torch.Tensor | list[torch.Tensor], n_crops: int | None = None, crop: int | None = None,
-        seed: int = 0,
-    ) -> torch.Tensor:
+    def embed(self, images: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         """Images (B x 3 x H x W, or a list of 3 x H x W of any sizes) -> B x D, in eval mode.
 
-        Each image's embedding is the mean over `n_crops` crops at offsets drawn from `seed` and its
-        size only, so it does not depend on the batch it came in.
+        Each image's embedding is the mean over native-resolution crops of the training crop size laid
+        on an even grid over the whole image, about one per crop area and at most `max_crops`: a
+        function of the image alone (not of its batch), and it sees all of a small image.
         """
-        n, c = n_crops or self.n_crops, crop or self.crop
         was_training = self.training
         self.eval()
         try:
             if isinstance(images, torch.Tensor):
                 if images.dim() != 4 or images.shape[1] != 3:
                     raise ValueError(f"embed expects B x 3 x H x W images, got shape {tuple(images.shape)}")
-                return self._embed_same_size(images, n, c, seed)
-            return torch.cat([self._embed_same_size(img.unsqueeze(0), n, c, seed) for img in images])
+                return self._embed_same_size(images)
+            return torch.cat([self._embed_same_size(img.unsqueeze(0)) for img in images])
         finally:
             self.train(was_training)
 
-    def _embed_same_size(self, images: torch.Tensor, n: int, crop: int, seed: int) -> torch.Tensor:
+    def _embed_same_size(self, images: torch.Tensor) -> torch.Tensor:
         h, w = images.shape[-2:]
-        ch, cw = min(crop, h), min(crop, w)
-        g = torch.Generator().manual_seed(seed)
-        ys = torch.randint(0, h - ch + 1, (n,), generator=g).tolist()
-        xs = torch.randint(0, w - cw + 1, (n,), generator=g).tolist()
-        crops = torch.cat([images[:, :, y : y + ch, x : x + cw] for y, x in zip(ys, xs)])  # [n*B, 3, ch, cw]
-        return self(crops).embedding.view(n, images.shape[0], -1).mean(0)
+        ch, cw = min(self.crop, h), min(self.crop, w)
+        ys, xs = crop_grid(h, ch, w, cw, self.max_crops)
+        crops = torch.cat([images[:, :, y : y + ch, x : x + cw] for y in ys for x in xs])  # [n*B, 3, ch, cw]
+        return self(crops).embedding.view(len(ys) * len(xs), images.shape[0], -1).mean(0)
+
+
+def crop_grid(h: int, ch: int, w: int, cw: int, max_crops: int) -> tuple[list[int], list[int]]:
+    """Row and column offsets of an even grid of about (h/ch) x (w/cw) crops, at most max_crops in all."""
+    ny, nx = max(1, round(h / ch)), max(1, round(w / cw))
+    while ny * nx > max_crops:
+        if ny >= nx:
+            ny -= 1
+        else:
+            nx -= 1
+    spread = lambda size, c, n: [round(i * (size - c) / (n - 1)) for i in range(n)] if n > 1 else [(size - c) // 2]  # noqa: E731
+    return spread(h, ch, ny), spread(w, cw, nx)
 
 
 def _intensity_bin(intensity: float | None, n_bins: int) -> str:
     return "na" if intensity is None else str(min(int(intensity * n_bins), n_bins - 1))
 
 
-def extractor_targets(labels: list[dict], n_bins: int = 3) -> ExtractorTargets:
+def extractor_targets(labels: list[dict], n_bins: int = 3, families: Sequence[str] = FAMILIES) -> ExtractorTargets:
     """Shard labels -> training targets. Real pairs may have intensity None: masked, binned as 'na'."""
-    n = len(labels)
-    multi_hot, intensity, mask = (torch.zeros(n, len(FAMILIES)) for _ in range(3))
+    n, families = len(labels), list(families)
+    multi_hot, intensity, mask = (torch.zeros(n, len(families)) for _ in range(3))
     class_ids = torch.zeros(n, dtype=torch.int64)
     for i, label in enumerate(labels):
         keys = []
         for comp in label.get("components", []):
-            if comp.get("family") not in FAMILIES:
-                raise ValueError(f"label {i}: unknown degradation family {comp.get('family')!r}; expected {FAMILIES}")
-            f = FAMILIES.index(comp["family"])
+            if comp.get("family") not in families:
+                raise ValueError(f"label {i}: unknown degradation family {comp.get('family')!r}; this extractor "
+                                 f"knows {families}")
+            f = families.index(comp["family"])
             multi_hot[i, f] = 1.0
             if comp.get("intensity") is not None:
                 intensity[i, f] = max(intensity[i, f].item(), float(comp["intensity"]))
@@ -142,3 +155,13 @@ def extractor_loss(
 def family_accuracy(family_logits: torch.Tensor, multi_hot: torch.Tensor) -> float:
     """Share of images whose predicted family set (sigmoid > 0.5) is exactly the true set."""
     return ((family_logits > 0) == multi_hot.bool()).all(dim=1).float().mean().item()
+
+
+def confusion_text(confusion: torch.Tensor, families: list[str]) -> str:
+    """Rows: true family of single-degradation patches; columns: the family with the highest logit."""
+    width = max(len(f) for f in families) + 1
+    lines = [" " * width + " ".join(f"{f[:6]:>6}" for f in families)]
+    for f, row in zip(families, confusion.long().tolist()):
+        if sum(row):
+            lines.append(f"{f:<{width}}" + " ".join(f"{v:>6}" for v in row))
+    return "\n".join(lines)

@@ -77,16 +77,12 @@ def dg_loss(e_d: Tensor, e_g: Tensor, u: Tensor) -> Tensor:
     return (0.5 * torch.exp(-e_g) * (u - e_d).pow(2) + 0.5 * e_g).mean()
 
 
-def cv_squared(p_level: Tensor) -> Tensor:
-    """Squared coefficient of variation of the batch-summed level probabilities (load balance)."""
-    importance = p_level.sum(0).float()
+def cv_squared(importance: Tensor) -> Tensor:
+    """Squared coefficient of variation of the batch-summed level probabilities [n_levels] (load balance)."""
+    importance = importance.float()
     if importance.numel() < 2:
         return importance.new_zeros(())
     return importance.var() / (importance.mean().pow(2) + 1e-10)
-
-
-def total_loss(l1: Tensor, l_dg: Tensor, l_aux: Tensor, w_dg: float = 0.1, w_aux: float = 0.01) -> Tensor:
-    return l1 + w_dg * l_dg + w_aux * l_aux
 
 
 def best_level(errors: Tensor) -> Tensor:
@@ -94,26 +90,39 @@ def best_level(errors: Tensor) -> Tensor:
     return errors.argmin(1)
 
 
-def instruction_masks(tree: DegradationTree) -> tuple[Tensor, Tensor]:
-    """Per task: allowed leaves [T, n_leaves] and allowed nodes [T, n_nodes].
+def task_subtrees(tree: DegradationTree) -> Tensor:
+    """[T, n_nodes] True for the level-1 node(s) a task dominates and all their descendants.
 
-    A task's subtree is the set of nodes whose samples are mostly that task (`dominant_task`).
-    Allowed leaves: the subtree's leaves; allowed nodes: root + subtree. A task that dominates no
-    leaf falls back to the root expert (all leaves allowed for k*, only the root for t*).
+    A task that dominates no level-1 node takes the one holding most of its samples; a task the tree
+    never saw gets no subtree (all False).
     """
-    dom = tree.dominant_task()
-    leaves = tree.leaf_ids
-    leaf_mask = torch.zeros(len(tree.task_names), len(leaves), dtype=torch.bool)
-    node_mask = torch.zeros(len(tree.task_names), tree.n_nodes, dtype=torch.bool)
+    inside = torch.zeros(len(tree.task_names), tree.n_nodes, dtype=torch.bool)
+    if tree.n_levels < 2:
+        return inside
+    level1 = torch.arange(tree.level_starts[1], tree.level_starts[1] + tree.level_sizes[1])
+    dom = tree.dominant_task()[level1]
     for t in range(len(tree.task_names)):
-        owned = dom == t
-        node_mask[t] = owned
-        node_mask[t, 0] = True
-        leaf_mask[t] = owned[leaves]
-        if not leaf_mask[t].any():
-            leaf_mask[t] = True
-            node_mask[t] = False
-            node_mask[t, 0] = True
+        owned = level1[dom == t]
+        if len(owned) == 0 and tree.task_counts[level1, t].sum() > 0:
+            owned = level1[tree.task_counts[level1, t].argmax()][None]
+        inside[t, owned] = True
+        for node in range(tree.level_starts[2] if tree.n_levels > 2 else tree.n_nodes, tree.n_nodes):
+            inside[t, node] = inside[t, int(tree.parents[node])]  # breadth-first ids: parents come first
+    return inside
+
+
+def instruction_masks(tree: DegradationTree) -> tuple[Tensor, Tensor]:
+    """Per task: allowed leaves [T, n_leaves] and allowed nodes [T, n_nodes] (root + the task's subtree).
+
+    A task the tree never saw falls back to the root expert (all leaves allowed for k*, only the root
+    for t*). A one-level tree has only the root.
+    """
+    node_mask = task_subtrees(tree)
+    leaf_mask = node_mask[:, tree.leaf_ids]
+    unseen = ~leaf_mask.any(1)
+    leaf_mask[unseen] = True
+    node_mask[unseen] = False
+    node_mask[:, 0] = True
     return leaf_mask, node_mask
 
 
@@ -122,11 +131,12 @@ class Router(nn.Module):
 
     def __init__(
         self, dim: int, n_leaves: int, n_levels: int, n_nodes: int, task_names: Sequence[str] = (), *,
-        noisy: bool = True, leaf_ce_weight: float = 0.0, level_ce_weight: float = 0.0,
+        noisy: bool = True, dg_weight: float = 0.1, aux_weight: float = 0.01, leaf_ce_weight: float = 0.0,
+        level_ce_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.config = dict(dim=dim, n_leaves=n_leaves, n_levels=n_levels, n_nodes=n_nodes,
-                           task_names=list(task_names), noisy=noisy,
+                           task_names=list(task_names), noisy=noisy, dg_weight=dg_weight, aux_weight=aux_weight,
                            leaf_ce_weight=leaf_ce_weight, level_ce_weight=level_ce_weight)
         self.task_names = list(task_names)
         self.h_d, self.h_g = _head(dim), _head(dim)
@@ -191,12 +201,17 @@ class Router(nn.Module):
 
     def loss(
         self, route: Route, l1: Tensor, u: Tensor,
-        leaf_target: Tensor | None = None, level_target: Tensor | None = None,
+        leaf_target: Tensor | None = None, level_target: Tensor | None = None, importance: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Paper loss L1 + 0.1·L_dg + 0.01·L_aux, plus the optional CE supervision when enabled."""
+        """Paper loss L1 + dg_weight·L_dg + aux_weight·L_aux, plus the CE supervision when its weights are set.
+
+        `importance`: the level probabilities summed over the *global* batch (all ranks) for L_aux; default
+        this batch's.
+        """
         assert route.e_d is not None and route.e_g is not None, "route() output needed (has e_d, e_g)"
-        parts = {"l1": l1, "dg": dg_loss(route.e_d, route.e_g, u), "aux": cv_squared(route.p_level)}
-        total = total_loss(l1, parts["dg"], parts["aux"])
+        importance = route.p_level.sum(0) if importance is None else importance
+        parts = {"l1": l1, "dg": dg_loss(route.e_d, route.e_g, u), "aux": cv_squared(importance)}
+        total = l1 + self.config["dg_weight"] * parts["dg"] + self.config["aux_weight"] * parts["aux"]
         if self.config["leaf_ce_weight"] > 0:
             if leaf_target is None:
                 raise ValueError("leaf_ce_weight > 0 needs leaf_target (the k-means leaf index)")

@@ -97,11 +97,12 @@ def _kmeanspp(x: Tensor, x_sq: Tensor, k: int, gen: torch.Generator, node: str) 
 
 def kmeans(
     x: Tensor, k: int, *, seed: int = 0, restarts: int = 4, iters: int = 100, tol: float = 1e-6,
-    node: str = "k-means",
+    node: str = "k-means", init: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, float]:
     """Lloyd's k-means with k-means++ seeding and restarts; returns (centroids, labels, inertia).
 
-    Deterministic for a seed on CPU. An emptied cluster is re-seeded at the farthest point.
+    `init` [k, d] replaces the seeding (one run from those centres). Deterministic for a seed on CPU. An
+    emptied cluster is re-seeded at the farthest point.
     """
     x = x.float()
     check_finite(x, f"{node}: embeddings")
@@ -113,8 +114,10 @@ def kmeans(
     x_sq = x.pow(2).sum(1)
     scale = x_sq.mean().clamp_min(1e-12)
     best: tuple[Tensor, Tensor, float] | None = None
-    for _ in range(restarts):
-        c = _kmeanspp(x, x_sq, k, gen, node)
+    if init is not None and init.shape != (k, x.shape[1]):
+        raise ValueError(f"{node}: init centres of shape {tuple(init.shape)}, expected ({k}, {x.shape[1]})")
+    for _ in range(1 if init is not None else restarts):
+        c = init.to(x) - mean if init is not None else _kmeanspp(x, x_sq, k, gen, node)
         for _ in range(iters):
             labels, d2 = _nearest(x, x_sq, c)
             counts = torch.bincount(labels, minlength=k)
@@ -206,11 +209,14 @@ class DegradationTree:
     @classmethod
     def fit(
         cls, embeddings: Tensor, k: KSpec = (1, None, None), *, tasks: Sequence[str] | None = None,
-        auto: AutoK = AutoK(), seed: int = 0, restarts: int = 4,
+        auto: AutoK = AutoK(), seed: int = 0, restarts: int = 4, level1_from_tasks: bool = False,
     ) -> "DegradationTree":
         """Recursive k-means: every node at level l-1 is split into its children at level l.
 
-        `tasks` (one name per embedding, e.g. the shard's task) fills the task composition.
+        `tasks` (one name per embedding, e.g. the shard's task) fills the task composition. With
+        `level1_from_tasks` and level 1 asking for one node per task, level 1's k-means starts from the
+        per-task mean embeddings instead of k-means++ (Lloyd's iterations then move them as usual): so the
+        level-1 nodes start as degradation types, not as one type split by intensity beside two merged.
         """
         x = embeddings.detach().float()
         check_finite(x)
@@ -235,10 +241,17 @@ class DegradationTree:
             for j, (members, kj) in enumerate(zip(groups, ks)):
                 node = f"node {first_parent + j} (level {level - 1})"
                 xs = x[members]
+                init = None
+                if level == 1 and level1_from_tasks and tasks is not None and kj == len(set(tasks)):
+                    names = sorted(set(tasks))
+                    index = torch.tensor([names.index(t) for t in tasks], device=x.device)
+                    init = torch.zeros(kj, x.shape[1], device=x.device).index_add_(0, index, x)
+                    init /= torch.bincount(index, minlength=kj)[:, None]
                 if kj is None:
                     c, labels = _auto_k(xs, level_auto, seed + first_parent + j, node)
                 else:
-                    c, labels, _ = kmeans(xs, kj, seed=seed + first_parent + j, restarts=restarts, node=node)
+                    c, labels, _ = kmeans(xs, kj, seed=seed + first_parent + j, restarts=restarts, node=node,
+                                          init=init)
                 order = torch.argsort(-torch.bincount(labels, minlength=len(c)), stable=True)
                 for ci in order.tolist():
                     centroids.append(c[ci : ci + 1])

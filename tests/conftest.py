@@ -6,7 +6,7 @@ import pytest
 import torch
 
 TINY_EXPERT = {"name": "nafnet", "preset": "tiny"}
-TINY_EXTRACTOR = dict(backbone="test_resnet", embed_dim=16, proj_dim=8, crop=16, n_crops=2)
+TINY_EXTRACTOR = dict(backbone="test_resnet", embed_dim=16, proj_dim=8, crop=16, max_crops=2)
 
 
 def build_tiny_unirestorer(seed: int = 0):

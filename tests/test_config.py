@@ -111,3 +111,13 @@ def test_config_round_trips_through_checkpoint_format(tmp_path: Path) -> None:
     torch.save({"config": cfg.to_dict()}, tmp_path / "c.pt")
     back = torch.load(tmp_path / "c.pt", weights_only=True)["config"]
     assert back == cfg.to_dict() and from_dict(back) == cfg
+
+
+def test_extractor_stage_refuses_a_patch_size_other_than_its_crop() -> None:
+    """Trained on 64-px patches but embedding 32-px crops, the extractor recognised nothing (issue 9)."""
+    from unirestorer.train.stage_extractor import ExtractorStage
+
+    cfg = load_config(None, ["data.train_shards=[x.tar]", "data.patch_size=64", "model.extractor_crop=32"])
+    with pytest.raises(ConfigError, match=r"data.patch_size=64 but model.extractor_crop=32; the extractor must train "
+                                          r"at the crop size it embeds with"):
+        ExtractorStage().build(cfg, None)

@@ -14,15 +14,28 @@ import pytest
 from PIL import Image
 
 from unirestorer import demo
-from unirestorer.data_shards.degradations import TASKS
 from unirestorer.evaluate import METHODS
 from unirestorer.train.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 
 
+def test_photo_folder_splits_into_disjoint_heldout_validation_and_training_photos(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(40):
+        Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(src / f"p{i:02d}.png")
+    train, val, heldout, what = demo.demo_photos(src, tmp_path / "out", demo.FULL)
+    pixels = lambda paths: {int(np.asarray(Image.open(p))[0, 0, 0]) for p in paths}  # noqa: E731
+    test_ids, val_ids, train_ids = pixels(heldout), pixels(val.iterdir()), pixels(train.iterdir())
+    assert (len(test_ids), len(val_ids), len(train_ids)) == (12, 13, 15)  # 12 held out, at most a third validates
+    assert not (test_ids & val_ids) and not (test_ids & train_ids) and not (val_ids & train_ids)
+    assert test_ids | val_ids | train_ids == set(range(40))
+    assert "12 held out, 13 for validation, 15 for training" in what
+
+
 def test_heldout_crops_come_only_from_heldout_photos_and_every_task_degrades_them(tmp_path: Path) -> None:
-    assert not set(demo.TRAIN_PHOTOS) & set(demo.HELDOUT_PHOTOS)
+    assert not set(demo.FALLBACK_PHOTOS) & set(demo.HELDOUT_PHOTOS)
     photos = demo.save_photos(tmp_path / "photos", demo.HELDOUT_PHOTOS)
     crops = demo.save_crops(photos, tmp_path / "clean", 64, 3)
     assert len(crops) == 6 and {p.name.split("_")[0] for p in crops} == {"chelsea", "stereo"}
@@ -30,17 +43,22 @@ def test_heldout_crops_come_only_from_heldout_photos_and_every_task_degrades_the
         y, x = map(int, crop.stem.rsplit("_", 2)[1:])
         photo = np.asarray(Image.open(tmp_path / "photos" / f"{crop.stem.rsplit('_', 2)[0]}.png"))
         assert np.array_equal(np.asarray(Image.open(crop)), photo[y * 64 : (y + 1) * 64, x * 64 : (x + 1) * 64])
-    folders = demo.degrade_heldout(tmp_path / "clean", tmp_path / "lq", ("noise", "lowlight"))
-    for task, folder in folders.items():
+    samples = demo.degrade_heldout(tmp_path / "clean", tmp_path / "lq", ("noise", "lowlight"))
+    for task, group in samples.items():
+        folder = tmp_path / "lq" / task
         assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in crops)
-        lq, gt = (np.asarray(Image.open(d / crops[0].name), dtype=np.float64) for d in (folder, tmp_path / "clean"))
-        assert lq.shape == gt.shape and np.abs(lq - gt).mean() > 2, task  # really degraded
-    again = demo.degrade_heldout(tmp_path / "clean", tmp_path / "lq2", ("noise",))["noise"]
-    assert (again / crops[0].name).read_bytes() == (folders["noise"] / crops[0].name).read_bytes()  # fixed seed
+        for s in group:  # the evaluated LQ is exactly the saved PNG, and it is really degraded
+            saved = np.asarray(Image.open(folder / f"{s.name}.png"), dtype=np.float32) / 255
+            assert np.array_equal(saved, s.lq) and s.label["task"] == task
+            assert np.abs(s.lq - s.gt).mean() > 2 / 255, task
+    demo.degrade_heldout(tmp_path / "clean", tmp_path / "lq2", ("noise",))
+    name = crops[0].name
+    assert (tmp_path / "lq2" / "noise" / name).read_bytes() == (tmp_path / "lq" / "noise" / name).read_bytes()  # seed
 
 
 def test_stage_configs_fit_the_schema_and_chain_the_stages(tmp_path: Path) -> None:
-    configs = demo.stage_configs(tmp_path, ["a/{000000..000001}.tar", "b/shard-000000.tar"], demo.FULL, 0.5)
+    configs = demo.stage_configs(tmp_path, ["a/{000000..000001}.tar", "b/shard-000000.tar"], ["v/shard-000000.tar"],
+                                 demo.FULL, 0.5)
     assert list(configs) == list(demo.STAGES)
     loaded = {}
     for stage, config in configs.items():
@@ -50,12 +68,17 @@ def test_stage_configs_fit_the_schema_and_chain_the_stages(tmp_path: Path) -> No
     assert loaded["extractor"].train.init_ckpt is None
     assert [loaded[s].train.init_ckpt for s in demo.STAGES[1:]] == [str(ck / s) for s in ("extractor", "extractor", "experts")]
     assert {loaded[s].ckpt.dir for s in demo.STAGES} == {str(ck / s) for s in demo.STAGES}
-    assert loaded["experts"].train.max_steps == demo.FULL.steps["experts"] // 2  # --steps-scale 0.5
+    steps = demo.FULL.steps["experts"] // 2  # --steps-scale 0.5
+    e = loaded["experts"]
+    assert e.train.max_steps == steps and e.train.level_start_steps == [0, steps // 3, 2 * steps // 3]
+    assert e.train.level_end_steps == [steps // 3, 2 * steps // 3, steps]  # one level at a time, root first
     assert loaded["router"].deepspeed.micro_batch == demo.FULL.micro_batch["router"]
     assert "max_steps" not in configs["cluster"]["train"]  # not a training loop
-    assert loaded["experts"].tree.levels == list(demo.FULL.levels) and loaded["router"].tree.path == str(ck / "tree")
-    assert loaded["experts"].data.train_shards == ["a/{000000..000001}.tar", "b/shard-000000.tar"]
-    assert (loaded["experts"].model.arch, loaded["experts"].model.preset) == ("nafnet", "tiny")
+    assert e.tree.levels == [] and loaded["router"].tree.path == str(ck / "tree")  # sized from the data
+    assert e.data.train_shards == ["a/{000000..000001}.tar", "b/shard-000000.tar"] and e.data.online
+    assert all(loaded[s].data.val_shards == ["v/shard-000000.tar"] for s in demo.STAGES)
+    assert loaded["extractor"].data.patch_size == loaded["extractor"].model.extractor_crop
+    assert (e.model.arch, e.model.preset) == ("nafnet", "tiny")
 
 
 def test_out_folder_is_reused_only_when_an_earlier_demo_made_it(tmp_path: Path) -> None:
@@ -87,21 +110,34 @@ def test_terminal_hides_deepspeed_info_and_the_config_json_but_keeps_bars_live(t
     assert capfdbinary.readouterr().out == b"\rexperts:  20%|\n[2026-11-26 13:28:48,133] [WARNING] [runner.py] no hostfile\n"
 
 
-def test_summary_table_has_every_task_and_method(tmp_path: Path, tiny_bundle: str, one_thread) -> None:
+def test_summary_table_and_json_have_every_task_and_method(tmp_path: Path, tiny_bundle: str, one_thread) -> None:
     photos = demo.save_photos(tmp_path / "photos", demo.HELDOUT_PHOTOS)
     demo.save_crops(photos, tmp_path / "clean", 32, 1)
     heldout = demo.degrade_heldout(tmp_path / "clean", tmp_path / "lq", ("noise", "jpeg"))
-    (tmp_path / "eval").mkdir()
-    records = demo.evaluate_tasks(Path(tiny_bundle), heldout, tmp_path / "clean", tmp_path / "eval", "cpu")
-    table = demo.summary_table(records)
-    assert table.splitlines()[0] == "| task | n | " + " | ".join(METHODS) + " | images routed to level 0/1/2 |"
-    rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
-    assert list(rows) == ["noise", "jpeg", "**mean**"]
+    records, extractor, confusion = demo.evaluate_tasks(Path(tiny_bundle), heldout, tmp_path / "eval", "cpu")
+    rows = {line.split()[0]: sum(map(int, line.split()[1:])) for line in confusion.splitlines()[1:]}
+    assert rows == {"noise": 2, "jpeg": 2}  # every held-out crop of a single family, counted once
+    doc = demo.summary(records, extractor, {"leaf_purity": 0.5, "level1_purity": 0.75}, 12.0)
+    assert set(doc) == {"tasks", "mean", "extractor", "tree", "seconds"}
+    assert doc["tree"] == {"leaf_purity": 0.5, "level1_purity": 0.75} and doc["seconds"] == 12.0
+    assert set(doc["tasks"]) == {"noise", "jpeg"} and set(doc["mean"]) == set(METHODS)
     for task, recs in records.items():
-        assert len(recs) == 2
-        cells = [float(c) for c in rows[task].split("|")[3:8]]
-        assert cells == pytest.approx([np.mean([r[f"{m}_psnr"] for r in recs]) for m in METHODS], abs=0.006)
-        assert cells[4] >= max(cells[1:4]) - 1e-9  # oracle >= root, leaf, routed
+        row = doc["tasks"][task]
+        assert set(row) == {"n", *METHODS} and row["n"] == len(recs) == 2
+        for m in METHODS:
+            values = [r[f"{m}_psnr"] for r in recs]
+            assert row[m] == (None if None in values else pytest.approx(np.mean(values)))
+        assert row["oracle"] >= max(row["root"], row["leaf"], row["routed"]) - 1e-9
+    assert doc["tasks"]["noise"]["classical"] is not None and doc["tasks"]["jpeg"]["classical"] is None
+    assert doc["mean"]["classical"] is None  # no classical row for JPEG
+    assert doc["mean"]["routed"] == pytest.approx(np.mean([doc["tasks"][t]["routed"] for t in ("noise", "jpeg")]))
+    assert set(extractor["per_family"]) == {"noise", "jpeg"} and 0 <= extractor["family_accuracy"] <= 1
+    table = demo.summary_table(doc, {"noise": [1, 0, 1], "jpeg": [0, 2, 0]})
+    assert table.splitlines()[0] == "| task | n | " + " | ".join(METHODS) + " | images routed to level 0/1/2 |"
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:5]}
+    assert list(rows) == ["noise", "jpeg", "**mean**"]
+    assert rows["jpeg"].split("|")[4].strip() == "—" and rows["noise"].endswith("| 1/0/1 |")
+    assert "Extractor exact-match family accuracy" in table and "Tree purity: level 1 0.75, leaves 0.5." in table
     assert {p.name for p in (tmp_path / "eval").iterdir()} == {
         "results.md", "noise.csv", "jpeg.csv", "noise_grid.png", "jpeg_grid.png"}
 
@@ -119,14 +155,13 @@ def test_quick_demo_runs_end_to_end(tmp_path: Path) -> None:
         assert f"phase {phase}/9" in proc.stdout
     assert (out / "bundle" / "bundle.json").is_file() and (out / "bundle" / "weights.safetensors").is_file()
     crops = sorted(p.name for p in (out / "heldout" / "clean").iterdir())
-    for task in TASKS:
+    for task in demo.DEMO_TASKS:
         assert sorted(p.name for p in (out / "restored" / task).iterdir()) == crops
     summary = json.loads((out / "eval" / "summary.json").read_text())
-    assert list(summary) == list(TASKS)
-    for task, images in summary.items():
-        assert sorted(f"{n}.png" for n in images) == crops
-        for r in images.values():
-            assert r["oracle_psnr"] >= max(r["root_psnr"], r["leaf_psnr"], r["routed_psnr"]) - 1e-9
-        assert re.search(rf"^\| {task} \| {len(crops)} \|( [\d.]+ \|){{5}}", proc.stdout, re.M), task
+    assert list(summary["tasks"]) == list(demo.DEMO_TASKS)
+    for task, row in summary["tasks"].items():
+        assert row["n"] == len(crops) and row["oracle"] >= max(row["root"], row["leaf"], row["routed"]) - 1e-9
+        assert re.search(rf"^\| {task} \| {len(crops)} \|( ([\d.]+|—) \|){{6}}", proc.stdout, re.M), task
+    assert summary["tree"]["level1_purity"] is not None and summary["seconds"] > 0
     assert "| **mean** |" in proc.stdout and f"Everything is in {out}" in proc.stdout
     assert any((out / "tensorboard" / "tb").glob("events.out.tfevents.*"))

@@ -277,6 +277,33 @@ def test_online_mode_resynthesises_from_gt(tmp_path):
         assert (b["lq"] - b["gt"]).abs().mean(dim=(1, 2, 3)).min() > 0.002  # lq is no longer the stored copy
 
 
+def test_online_default_redraws_each_samples_own_task_and_keeps_real_pairs(tmp_path):
+    """The default online mode: fresh parameters of the stored task (so per-set mixing weights hold);
+    a real pair (a label our synthesis cannot replay) keeps its stored LQ."""
+    synthetic, _ = write_set(tmp_path, "s", [6], task="haze", lq=lambda gt: gt)
+    for path in tmp_path.glob("s-*.tar"):  # give the samples labels our synthesis made
+        samples = list(wds.WebDataset(str(path), shardshuffle=False))
+        with wds.TarWriter(str(path)) as sink:
+            for x in samples:
+                meta = json.loads(x["json"])
+                meta["label"] = {"task": "haze", "components": [{"family": "haze", "type": "haze", "params": {}}]}
+                sink.write({"__key__": x["__key__"], "lq.png": x["lq.png"], "gt.png": x["gt.png"],
+                            "json": json.dumps(meta)})
+    real, truth = write_set(tmp_path, "r", [6], task="rain", lq=lambda gt: 255 - gt)
+    batches = take(make_loader(cfg([synthetic, real], online=True)))
+    seen = set()
+    for b in batches:
+        for i, (task, label, key) in enumerate(zip(b["task"], b["label"], b["key"])):
+            seen.add(task)
+            if task == "haze":  # re-degraded: a fresh haze label, lq no longer the stored copy of gt
+                assert [c["type"] for c in label["components"]] == ["haze"] and label["components"][0]["params"]
+                assert (b["lq"][i] - b["gt"][i]).abs().mean() > 0.002
+            else:  # the real pair: its stored lq (the inverted gt) and its own label
+                assert task == "rain" and label == truth[key][1]
+                assert torch.allclose(b["lq"][i], 1 - b["gt"][i], atol=1e-6)
+    assert seen == {"haze", "rain"}
+
+
 def test_online_noise_mix_has_requested_sigma(tmp_path):
     spec, _ = write_set(tmp_path, "n", [8], lo=96, hi=160, lq=lambda gt: gt)
     sigmas = (15.0, 25.0, 50.0)

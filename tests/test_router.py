@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from unirestorer.model.router import (
-    Router, best_level, cv_squared, dg_loss, gate, instruction_masks, select, total_loss,
+    Router, best_level, cv_squared, dg_loss, gate, instruction_masks, select,
 )
 from unirestorer.model.tree import DegradationTree
 
@@ -54,16 +54,22 @@ def test_masks_restrict_leaf_and_level_of_the_chosen_path():
     assert torch.allclose(r.p_level, torch.tensor([[0.4, 0.0, 0.6]]))
 
 
-def test_instruction_masks_from_task_composition():
+def test_instruction_masks_are_the_subtrees_of_the_tasks_level1_nodes():
     tree = hand_tree()
     leaf_mask, node_mask = instruction_masks(tree)
     haze, noise, rain = 0, 1, 2
-    assert leaf_mask[noise].tolist() == [True, False, False, False]
-    assert node_mask[noise].tolist() == [True, True, False, True, False, False, False]
-    assert leaf_mask[rain].tolist() == [False, True, True, True]
-    assert node_mask[rain].tolist() == [True, False, True, False, True, True, True]
-    # haze dominates nothing: any leaf, but only the root expert
-    assert leaf_mask[haze].all() and node_mask[haze].tolist() == [True] + [False] * 6
+    # noise dominates node 1: all of node 1's subtree, leaf 4 included although rain dominates that leaf
+    assert leaf_mask[noise].tolist() == [True, True, False, False]
+    assert node_mask[noise].tolist() == [True, True, False, True, True, False, False]
+    assert leaf_mask[rain].tolist() == [False, False, True, True]
+    assert node_mask[rain].tolist() == [True, False, True, False, False, True, True]
+    # haze dominates no level-1 node: it takes node 2, which holds its one sample
+    assert leaf_mask[haze].tolist() == leaf_mask[rain].tolist() and node_mask[haze].tolist() == node_mask[rain].tolist()
+    # a task the tree never saw: any leaf, but only the root expert
+    unseen = DegradationTree(tree.centroids, tree.parents.tolist(), tree.level_sizes, tree.counts.tolist(),
+                             tree.task_names + ["snow"], torch.cat([tree.task_counts, torch.zeros(7, 1, dtype=torch.long)], 1))
+    leaf_mask, node_mask = instruction_masks(unseen)
+    assert leaf_mask[3].all() and node_mask[3].tolist() == [True] + [False] * 6
 
 
 def test_instruction_mode_routes_into_the_task_subtree():
@@ -75,15 +81,15 @@ def test_instruction_mode_routes_into_the_task_subtree():
         router.g_g.bias[:3] = torch.tensor([0.0, 5.0, 1.0])
     free = router.route(e)
     assert free.node.tolist() == [1] * 6
-    rain = router.route(e, "rain")
-    assert set(rain.node.tolist()) <= {0, 2, 4, 5, 6} and rain.leaf.ne(0).all()
-    # leaf 4 sits under the noise node 1: its level-1 choice is masked, the leaf (level 2) wins
-    with torch.no_grad():
-        router.g_d.bias[:4] = torch.tensor([5.0, 4.0, 0.0, 0.0])
-    assert router.route(e, "rain").node.tolist() == [4] * 6
-    assert router.route(e, "haze").node.tolist() == [0] * 6
+    rain = router.route(e, "rain")  # leaves 5 and 6 only; the favoured level 1 is rain's node 2
+    assert rain.node.tolist() == [2] * 6 and rain.leaf.ge(2).all()
+    with torch.no_grad():  # favour the leaf level: the chosen leaf is then inside the subtree
+        router.g_g.bias[:3] = torch.tensor([0.0, 1.0, 5.0])
+        router.g_d.bias[:4] = torch.tensor([5.0, 0.0, 1.0, 0.0])
+    assert router.route(e, "rain").node.tolist() == [5] * 6
+    assert router.route(e, "haze").node.tolist() == [5] * 6
     mixed = router.route(e, ["rain", None, "haze", "noise", None, "rain"])
-    assert mixed.node.tolist() == [4, 1, 0, 1, 1, 4]
+    assert mixed.node.tolist() == [5, 3, 5, 3, 3, 5]
     assert router.route(e, torch.tensor([2, -1, 0, 1, -1, 2])).node.tolist() == mixed.node.tolist()
     with pytest.raises(ValueError, match="3 tasks for a batch of 6"):
         router.route(e, ["rain"] * 3)
@@ -142,10 +148,8 @@ def test_losses_match_formulas():
     e_d, e_g, u = torch.tensor([[1.0, 2.0]]), torch.tensor([[0.0, 2.0]]), torch.tensor([[3.0, 2.0]])
     expected = (0.5 * 4 + 0.0 + 0.0 + 0.5 * 2) / 2
     assert dg_loss(e_d, e_g, u).item() == pytest.approx(expected)
-    assert cv_squared(torch.full((4, 3), 1 / 3)).item() == pytest.approx(0.0)
-    p = torch.tensor([[1.0, 0.0], [1.0, 0.0]])  # importance [2, 0]: var 2, mean^2 1
-    assert cv_squared(p).item() == pytest.approx(2.0)
-    assert total_loss(torch.tensor(1.0), torch.tensor(2.0), torch.tensor(3.0)).item() == pytest.approx(1.23)
+    assert cv_squared(torch.full((4, 3), 1 / 3).sum(0)).item() == pytest.approx(0.0)
+    assert cv_squared(torch.tensor([2.0, 0.0])).item() == pytest.approx(2.0)  # var 2, mean^2 1
     assert best_level(torch.tensor([[0.1, 0.1, 0.2], [0.3, 0.2, 0.1]])).tolist() == [0, 2]
 
 

@@ -27,7 +27,7 @@ from unirestorer.train.weights import load_submodule, read_checkpoint
 REPO = Path(__file__).resolve().parent.parent
 TASKS = ("noise", "blur", "lowlight")
 TINY = ["model.extractor_backbone=test_resnet", "model.embed_dim=16", "model.extractor_proj_dim=8",
-        "model.extractor_crop=16", "model.extractor_crops=2", "data.patch_size=16", "data.num_workers=0",
+        "model.extractor_crop=16", "model.extractor_max_crops=2", "data.patch_size=16", "data.num_workers=0",
         "data.shuffle_buffer=8", "data.batches_per_epoch=3", "deepspeed.micro_batch=4", "log.every=1",
         "log.val_every=3", "log.val_batches=1"]
 
@@ -200,7 +200,7 @@ def test_cluster_stage_builds_tree_with_stats(reference: Path, shards, tmp_path:
             "tree.levels=[1,2,4]", "tree.num_samples=21", f"tree.path={tree_dir}"]
     code, log = finish(launch(2, tmp_path, *args), tmp_path)
     assert code == 0, log[-4000:]
-    assert "[cluster] tree written to" in log and "leaf purity" in log
+    assert "[cluster] tree written to" in log and "purity per level" in log
     stats = json.loads((tree_dir / "tree_stats.json").read_text())
     assert (tree_dir / "tree.json").is_file() and (tree_dir / "tree.safetensors").is_file()
     assert stats["num_samples"] == 21 and stats["level_sizes"] == [1, 2, 4]
@@ -210,6 +210,11 @@ def test_cluster_stage_builds_tree_with_stats(reference: Path, shards, tmp_path:
         assert sum(node["composition"].values()) == node["count"]
         if node["count"]:
             assert node["purity"] == round(node["composition"][node["majority_task"]] / node["count"], 4)
+    for level in (1, 2):  # a level's purity: its nodes' majority shares, weighted by their sizes
+        nodes = [n for n in stats["nodes"] if n["level"] == level]
+        majority = sum(n["composition"][n["majority_task"]] for n in nodes if n["count"])
+        assert stats["purity_per_level"][level] == pytest.approx(majority / 21, abs=1e-4)
+    assert stats["level1_purity"] == stats["purity_per_level"][1] and stats["leaf_purity"] == stats["purity_per_level"][2]
 
 
 # ---------------------------------------------------------------- weights.py on hand-made DeepSpeed-layout files

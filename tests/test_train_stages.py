@@ -59,7 +59,7 @@ def configs(root: Path, shards: dict[str, str]) -> dict[str, dict]:
         "data": {"train_shards": [shards["noise"], shards["blur"]], "val_shards": [shards["val"]], "patch_size": 32,
                  "num_workers": 0, "shuffle_buffer": 4, "batches_per_epoch": 4},
         "model": {"arch": "nafnet", "preset": "tiny", "extractor_backbone": m["backbone"], "embed_dim": m["embed_dim"],
-                  "extractor_proj_dim": m["proj_dim"], "extractor_crop": m["crop"], "extractor_crops": m["n_crops"]},
+                  "extractor_proj_dim": m["proj_dim"], "extractor_crop": 32, "extractor_max_crops": m["max_crops"]},
         "deepspeed": {"micro_batch": 2},
     }
 

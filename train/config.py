@@ -40,6 +40,7 @@ class DataConfig:
     shuffle_buffer: int = 1000
     batches_per_epoch: int = 1000  # per rank: equal step counts on every rank (webdataset with_epoch)
     balance: bool = True  # experts: mix single-task shard sets so every leaf gets data (see stage_experts)
+    online: bool = False  # training streams re-degrade each stored gt with fresh parameters of its own task
 
 
 @dataclass
@@ -50,20 +51,21 @@ class ModelConfig:
     num_blocks: list[int] = field(default_factory=lambda: [4, 6, 6, 8])
     heads: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     ffn_expansion: float = 2.66
-    lora_rank: int = 0  # 0: full experts; >0: frozen root + LoRA on every other node
-    lora_alpha: float = 16.0
+    lora_rank: int = 0  # 0: full experts; >0 (frozen root + LoRA elsewhere) is refused until the stage trains it
     extractor_backbone: str = "resnet10t"  # any timm model name
     embed_dim: int = 256
     extractor_proj_dim: int = 128  # contrastive projection
-    extractor_crop: int = 64  # native-resolution crops the extractor embeds (no resizing)
-    extractor_crops: int = 4  # crops averaged per image by `embed`
+    extractor_crop: int = 64  # native-resolution crop size the extractor trains and embeds at (no resizing)
+    extractor_max_crops: int = 16  # `embed` averages a grid of about one crop per crop area, at most this many
 
 
 @dataclass
 class TreeConfig:
-    levels: list[int] = field(default_factory=lambda: [1, 4, 8])  # nodes per level, root first
+    # nodes per level, root first; [] = [1, T, 2T] for the T tasks in the embedded samples (type, type + degree)
+    levels: list[int] = field(default_factory=list)
     num_samples: int = 4096  # shard samples embedded to build the tree
-    kmeans_iters: int = 100
+    # with one level-1 node per task: start level 1's k-means from the per-task mean embeddings (model/tree.py)
+    level1_from_tasks: bool = True
     ep_sizes: list[int] = field(default_factory=list)  # ranks each level's experts spread over; [] = auto
     path: str = ""  # tree folder (tree.json + tree.safetensors + tree_stats.json) written by `cluster`
 
@@ -84,9 +86,16 @@ class TrainConfig:
     init_from_parent: bool = True
     dg_weight: float = 0.1  # router: weight of L_dg
     aux_weight: float = 0.01  # router: weight of L_aux
+    # router supervision from the frozen experts' measured errors (0 = the paper's loss alone): CE towards the
+    # image's tree leaf, and towards the level whose expert on that path restores it best (ties: coarser)
+    leaf_ce_weight: float = 1.0
+    level_ce_weight: float = 1.0
     init_ckpt: str | None = None  # weights of an earlier stage
     level_lrs: list[float] = field(default_factory=list)  # experts: peak LR per tree level; [] = lr everywhere
-    level_start_steps: list[int] = field(default_factory=list)  # experts: step each level starts; [] = all at 0
+    # experts: step each level starts, from its trained parent; [] = level l at l * max_steps / n_levels
+    level_start_steps: list[int] = field(default_factory=list)
+    # experts: step each level stops training (its LR schedule ends there, images stop going to it); [] = max_steps
+    level_end_steps: list[int] = field(default_factory=list)
     # test hook: 1-based steps whose loss the spine replaces by NaN on the last rank (see train/stage.py)
     debug_nan_steps: list[int] = field(default_factory=list)
     debug_step_sleep: float = 0.0  # test hook: seconds each rank sleeps after every step (to kill a run mid-way)

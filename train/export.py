@@ -1,6 +1,6 @@
 """`unirestorer export CKPT_DIR --out BUNDLE`: one inference bundle from an experts or router checkpoint.
 
-One process, no DeepSpeed: weights.py reads the dense file (extractor, router) and the per-expert files;
+One process, no DeepSpeed (not even imported): weights.py reads the dense file (extractor, router) and the per-expert files;
 file `layer_L_expert_i` is node `first_node(L) + i` (a level's nodes fill its slots breadth-first, see
 parallel/placement.py) and slots past the level's node count are idle padding, skipped. The tree, the
 extractor's and experts' constructor kwargs come from the checkpoint's stage state, so a checkpoint is
@@ -14,10 +14,10 @@ import json
 from pathlib import Path
 
 from unirestorer.model.experts import create_expert
-from unirestorer.model.extractor import DegradationExtractor
 from unirestorer.model.router import Router
 from unirestorer.model.unirestorer import CONFIG, UniRestorer
 from unirestorer.train.checkpoint import CheckpointError
+from unirestorer.train.stage_state import extractor_from_checkpoint, tree_from_state
 from unirestorer.train.weights import Checkpoint, load_submodule, read_checkpoint
 
 EXPERTS_ONLY_NOTE = ("{path} is an experts-stage checkpoint: the router in the bundle is freshly initialised. Its "
@@ -27,17 +27,13 @@ EXPERTS_ONLY_NOTE = ("{path} is an experts-stage checkpoint: the router in the b
 
 def restorer_from_checkpoint(ckpt: Checkpoint) -> tuple[UniRestorer, str]:
     """The single-process model of an experts or router checkpoint, and a note on what it holds."""
-    # stage-local import: the stage modules pull in deepspeed, which export itself does not need
-    from unirestorer.train.stage_experts import EXTRACTOR, tree_from_state
-
     stage, state = ckpt.client_state.get("stage"), ckpt.client_state.get("stage_state", {})
     if stage not in ("experts", "router") or "tree_meta" not in state:
         raise CheckpointError(f"{ckpt.path}: a checkpoint of stage {stage!r}; export needs one of the experts or "
                               f"router stage (it holds the tree and every expert)")
     tree = tree_from_state(state, str(ckpt.path))
     spec = json.loads(state["expert_spec"])
-    extractor = DegradationExtractor(**json.loads(state["extractor_config"]))
-    load_submodule(extractor, ckpt.dense, EXTRACTOR)
+    extractor = extractor_from_checkpoint(ckpt)
     if stage == "router":
         router = Router(**json.loads(state["router_config"]))
         load_submodule(router, ckpt.dense, "router.")

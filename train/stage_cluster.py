@@ -2,9 +2,11 @@
 
 Not a training loop (nothing to resume): each rank embeds its share of `tree.num_samples` samples of
 `data.train_shards` (native-resolution crops, `DegradationExtractor.embed`), the embeddings and task
-names are gathered, rank 0 fits `DegradationTree.fit(k=tree.levels)` and writes `tree.path/` (tree.json,
+names are gathered, rank 0 fits `DegradationTree.fit(k=levels)` and writes `tree.path/` (tree.json,
 tree.safetensors) plus `tree_stats.json`: nodes per level, counts, task composition, purity (share of a
-node's majority task).
+node's majority task) per node and per level. `tree.levels = []` sizes the tree from the data: level 1
+gets one node per task present (so it can be "degradation type"), level 2 two per level-1 node (type +
+degree); with `tree.level1_from_tasks` level 1's k-means starts from the tasks' mean embeddings.
 """
 
 from __future__ import annotations
@@ -19,21 +21,20 @@ import torch.distributed as dist
 
 from unirestorer.launch.env import DistInfo
 from unirestorer.model.tree import DegradationTree
-from unirestorer.train.config import ConfigError, RunConfig, from_dict
-from unirestorer.train.stage_extractor import build_extractor, shard_stream
-from unirestorer.train.weights import load_submodule, read_checkpoint
+from unirestorer.train.config import ConfigError, RunConfig
+from unirestorer.train.stage_extractor import shard_stream
+from unirestorer.train.stage_state import extractor_from_checkpoint
+from unirestorer.train.weights import read_checkpoint
 
 STATS_FILE = "tree_stats.json"
 
 
-def load_extractor(path: str) -> tuple[torch.nn.Module, RunConfig]:
-    """The extractor of a checkpoint (an `extractor` stage's, or a later stage's holding it under
-    `extractor.`), built with the model config stored in that checkpoint."""
-    ck = read_checkpoint(path)
-    saved = from_dict(ck.client_state.get("config", {}), source=f"config stored in {ck.path}")
-    extractor = build_extractor(saved)
-    load_submodule(extractor, ck.dense, "" if ck.client_state.get("stage") == "extractor" else "extractor.")
-    return extractor.eval(), saved
+def tree_levels(levels: list[int], tasks: list[str]) -> list[int]:
+    """`tree.levels`, or [1, T, 2T] for the T distinct tasks when it is empty."""
+    if levels:
+        return list(levels)
+    n = len(set(tasks))
+    return [1, n, 2 * n]
 
 
 def _gather(x: torch.Tensor, info: DistInfo) -> list[torch.Tensor]:
@@ -54,6 +55,12 @@ def _gather_strings(items: list[str], info: DistInfo) -> list[str]:
     return [s for part in _gather(blob, info) for s in json.loads(bytes(part.tolist()).decode())]
 
 
+def purity(nodes: list[dict]) -> float:
+    """Sample-weighted share of each node's majority task."""
+    total = sum(n["count"] for n in nodes)
+    return round(sum(n["count"] * (n["purity"] or 0) for n in nodes) / max(total, 1), 4)
+
+
 def tree_stats(tree: DegradationTree, extractor_ckpt: str) -> dict[str, Any]:
     nodes = []
     for i in range(tree.n_nodes):
@@ -63,20 +70,19 @@ def tree_stats(tree: DegradationTree, extractor_ckpt: str) -> dict[str, Any]:
         nodes.append({"id": i, "level": tree.level_of(i), "parent": int(tree.parents[i]), "count": count,
                       "composition": comp, "majority_task": major,
                       "purity": round(comp[major] / count, 4) if major and count else None})
-    leaves = [n for n in nodes if n["level"] == tree.n_levels - 1]
-    total = sum(n["count"] for n in leaves)
+    per_level = [purity([n for n in nodes if n["level"] == l]) for l in range(tree.n_levels)]
     return {
         "num_samples": int(tree.counts[0]), "extractor": extractor_ckpt, "level_sizes": tree.level_sizes,
         "tasks": tree.composition(0),
         "counts_per_level": [[n["count"] for n in nodes if n["level"] == l] for l in range(tree.n_levels)],
-        "leaf_purity": round(sum(n["count"] * (n["purity"] or 0) for n in leaves) / max(total, 1), 4),
-        "nodes": nodes,
+        "purity_per_level": per_level, "level1_purity": per_level[1] if tree.n_levels > 1 else None,
+        "leaf_purity": per_level[-1], "nodes": nodes,
     }
 
 
 def format_stats(stats: dict[str, Any]) -> str:
     lines = [f"tree: levels {stats['level_sizes']}, {stats['num_samples']} samples, tasks {stats['tasks']}, "
-             f"leaf purity {stats['leaf_purity']}"]
+             f"purity per level {stats['purity_per_level']}"]
     for n in stats["nodes"]:
         lines.append(f"{'  ' * n['level']}node {n['id']} (level {n['level']}): {n['count']} samples, majority "
                      f"{n['majority_task']} ({n['purity']}), {n['composition']}")
@@ -92,8 +98,7 @@ def run_cluster(cfg: RunConfig, info: DistInfo) -> int:
         raise ConfigError("stage cluster: data.train_shards is empty")
     if info.rank == 0:
         print(f"[config] stage cluster, {info.world_size} ranks\n{cfg.pretty()}", flush=True)
-    extractor, saved = load_extractor(cfg.train.init_ckpt)
-    extractor.to(info.device)
+    extractor = extractor_from_checkpoint(read_checkpoint(cfg.train.init_ckpt)).to(info.device)
     share = cfg.tree.num_samples // info.world_size + (info.rank < cfg.tree.num_samples % info.world_size)
     batch = max(1, min(32, share))
     embs, tasks = [], []
@@ -102,11 +107,13 @@ def run_cluster(cfg: RunConfig, info: DistInfo) -> int:
             keep = min(batch, share - len(tasks))
             embs.append(extractor.embed(b["lq"][:keep].to(info.device)).float().cpu())
             tasks += b["task"][:keep]
-    local = torch.cat(embs) if embs else torch.zeros(0, saved.model.embed_dim)
+    local = torch.cat(embs) if embs else torch.zeros(0, extractor.config["embed_dim"])
     all_emb = torch.cat(_gather(local, info))
     all_tasks = _gather_strings(tasks, info)
     if info.rank == 0:
-        tree = DegradationTree.fit(all_emb, k=cfg.tree.levels, tasks=all_tasks, seed=cfg.train.seed)
+        levels = tree_levels(cfg.tree.levels, all_tasks)
+        tree = DegradationTree.fit(all_emb, k=levels, tasks=all_tasks, seed=cfg.train.seed,
+                                   level1_from_tasks=cfg.tree.level1_from_tasks)
         out = Path(cfg.tree.path)
         tree.save(out)
         stats = tree_stats(tree, str(cfg.train.init_ckpt))

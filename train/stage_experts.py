@@ -1,24 +1,25 @@
 """Stage 3, `experts`: every tree node's expert at once, expert parallel, oracle routing (DESIGN §1.3, §3).
 
-Each image goes to the k = n_levels experts on its tree path (`tree.path(extractor.embed(lq))`, the
-extractor frozen); the loss is the mean L1 (or PSNR loss) over the k outputs. Every level has its own
-peak LR (`train.level_lrs`) and start step (`train.level_start_steps`): a level trains from its start on
-a warmup + cosine schedule of its own, and with `train.init_from_parent` its nodes first copy their
-parent's weights (broadcast from the parent's rank, so any placement works).
+Each image goes to the experts on its tree path (`tree.path(extractor.embed(lq))`, the extractor frozen)
+of the levels training at this step; the loss is the mean L1 (or PSNR loss) over those outputs.
+
+Level by level: every level has its own peak LR (`train.level_lrs`), start step
+(`train.level_start_steps`, default: level l at l·max_steps/n_levels, so the root trains alone first)
+and end step (`train.level_end_steps`, default max_steps). A level trains from its start to its end on a
+warmup + cosine schedule of its own; with `train.init_from_parent` its nodes first copy their *trained*
+parent's weights (broadcast from the parent's rank, so any placement works). After its end a level gets
+no more images (its experts stay as they are), so ending a level when the next starts spends every step
+on one level: each image then costs one expert pass instead of n_levels.
 
 Balanced sampling (`data.balance`, the documented simple rule): when `data.train_shards` holds several
 single-task shard sets (a set's task is read from its first sample), the sets are mixed with weights
 w_task = mean over leaves of the leaf's task share, so every leaf gets data in proportion 1/n_leaves
 instead of its k-means size; `data.family_weights`, when given, wins.
-
-Module attribute names (`extractor`, `tree_moe`, later `router`) are shared with the router stage, so
-one checkpoint's weights load into the other by name; none contains "expert" (DESIGN §3).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import sys
 import tarfile
 import time
@@ -27,176 +28,53 @@ from typing import Any, Callable, Iterable
 import deepspeed
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn.utils import parameters_to_vector
 
-from unirestorer.data_shards.loader import StreamConfig, expand_source, make_loader
+from unirestorer.data_shards.loader import expand_source, make_loader
 from unirestorer.launch.env import DistInfo
 from unirestorer.model.experts import create_expert
-from unirestorer.model.extractor import DegradationExtractor
 from unirestorer.model.tree import DegradationTree
 from unirestorer.parallel.dispatch import CommTimer
-from unirestorer.parallel.placement import plan_placement
 from unirestorer.parallel.tree_moe import TreeMoE, check_ds_config, moe_param_groups
 from unirestorer.train.config import ConfigError, RunConfig, build_ds_config
 from unirestorer.train.stage import lr_lambda
-from unirestorer.train.stage_cluster import load_extractor
-from unirestorer.train.weights import load_submodule, read_checkpoint
-
-EXTRACTOR = "extractor."  # module path of the frozen extractor in every stage's checkpoint
-
-
-# ---------------------------------------------------------------- pieces shared with the router stage
+from unirestorer.train.stage_state import tree_from_state, tree_to_state
+from unirestorer.train.tree_stage import (TreeModule, all_sum, check_placement, expert_spec, load_init, node_factory,
+                                          stream_config, validate_psnr)
 
 
-class TreeModule(nn.Module):
-    """What the engine holds: the frozen extractor, the experts as a TreeMoE and (router stage) the router,
-    with which the experts are frozen too. Frozen parts stay in eval mode whatever the engine asks."""
+class LevelLR:
+    """LR factor of a level: its warmup + schedule from `start` until `end`, then 0 (the level is done).
+    Plain numbers only: LambdaLR saves a callable object's attributes in the checkpoint."""
 
-    def __init__(self, extractor: nn.Module, tree_moe: TreeMoE, router: nn.Module | None = None) -> None:
-        super().__init__()
-        self.extractor = extractor.requires_grad_(False)
-        self.tree_moe = tree_moe if router is None else tree_moe.requires_grad_(False)
-        if router is not None:
-            self.router = router
+    def __init__(self, start: int, warmup: int, end: int, floor: float, schedule: str) -> None:
+        self.start, self.warmup, self.end, self.floor, self.schedule = start, warmup, end, floor, schedule
 
-    def train(self, mode: bool = True) -> "TreeModule":
-        super().train(mode)
-        self.extractor.eval()
-        if hasattr(self, "router"):
-            self.tree_moe.eval()
-        return self
-
-    def forward(self, images: Tensor, node_ids: Tensor) -> Tensor:
-        return self.tree_moe(images, node_ids)
+    def __call__(self, step: int) -> float:
+        if step >= self.end:
+            return 0.0
+        return lr_lambda(self.start, self.warmup, self.end, self.floor, self.schedule)(step)
 
 
-def expert_spec(cfg: RunConfig) -> dict:
-    """create_expert kwargs of every node (stored in checkpoints and bundles)."""
-    m = cfg.model
-    if m.lora_rank:
-        raise ConfigError("model.lora_rank > 0: LoRA trees are not trained by the experts stage yet; use 0")
-    if m.preset:
-        return {"name": m.arch, "preset": m.preset}
-    if m.arch != "restormer":
-        raise ConfigError(f"model.preset is empty: set it for arch {m.arch!r} (tiny, small or paper)")
-    return {"name": "restormer", "preset": "paper", "dim": m.dim, "blocks": list(m.num_blocks),
-            "heads": list(m.heads), "ffn_expansion": m.ffn_expansion}
-
-
-def node_factory(spec: dict, seed: int) -> Callable[[int], nn.Module]:
-    """Expert of a node, initialised from (seed, node) so any placement builds the same weights."""
-    def factory(node: int) -> nn.Module:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed * 100003 + node)
-            return create_expert(**spec)
-    return factory
-
-
-def tree_to_state(tree: DegradationTree) -> dict[str, Any]:
-    meta, tensors = tree.to_state()
-    return {"tree_meta": json.dumps(meta), "tree_centroids": tensors["centroids"]}
-
-
-def tree_from_state(state: dict[str, Any], source: str) -> DegradationTree:
-    return DegradationTree.from_state(json.loads(state["tree_meta"]), {"centroids": state["tree_centroids"]}, source)
-
-
-def load_init(cfg: RunConfig) -> tuple[DegradationExtractor, DegradationTree, Any]:
-    """Extractor (from `train.init_ckpt`) and tree (the init checkpoint's stage state, else `tree.path`);
-    also returns the init checkpoint (weights.Checkpoint, expert files not read)."""
-    if not cfg.train.init_ckpt:
-        raise ConfigError(f"train.init_ckpt is empty: stage {cfg.train.stage!r} needs an earlier stage's checkpoint")
-    ckpt = read_checkpoint(cfg.train.init_ckpt, experts=False)
-    state = ckpt.client_state.get("stage_state", {})
-    if "extractor_config" in state:  # an experts / router checkpoint: the extractor lives under `extractor.`
-        extractor = DegradationExtractor(**json.loads(state["extractor_config"]))
-        load_submodule(extractor, ckpt.dense, EXTRACTOR)
-    else:  # the extractor stage's own checkpoint
-        extractor, _ = load_extractor(cfg.train.init_ckpt)
-    if "tree_meta" in state:  # the experts were trained on this tree: it wins over tree.path
-        tree = tree_from_state(state, str(ckpt.path))
-    elif cfg.tree.path:
-        tree = DegradationTree.load(cfg.tree.path)
-    else:
-        raise ConfigError(f"tree.path is empty and {ckpt.path} holds no tree: give the `cluster` stage's folder")
-    return extractor.eval(), tree, ckpt
-
-
-def check_placement(cfg: RunConfig, tree: DegradationTree, world: int) -> list[int] | None:
-    """Fail before any work when the configured ep_sizes cannot be placed on this world (e.g. elastic 2 → 1)."""
-    ep = list(cfg.tree.ep_sizes) or None
-    try:
-        plan_placement(tree.level_sizes, world, ep)
-    except ValueError as err:
-        raise ConfigError(f"tree.ep_sizes={ep} cannot be placed on {world} rank(s) for tree levels "
-                          f"{tree.level_sizes}: {err}. Set tree.ep_sizes to divisors of {world} (or [] = auto)"
-                          ) from None
-    return ep
-
-
-def stream_config(cfg: RunConfig, micro_batch: int, sources: list[str], weights: list[float] | None,
-                  val: bool = False) -> StreamConfig:
-    d = cfg.data
-    return StreamConfig(sources=sources, weights=weights, patch=d.patch_size, batch_size=micro_batch,
-                        num_workers=0 if val else d.num_workers, shuffle_buffer=0 if val else d.shuffle_buffer,
-                        batches_per_epoch=cfg.log.val_batches if val else d.batches_per_epoch,
-                        seed=cfg.train.seed + (7919 if val else 0), augment=not val)
-
-
-def psnr(out: Tensor, gt: Tensor) -> Tensor:
-    """Per image PSNR (RGB float in [0, 1], no rounding: the PromptIR convention)."""
-    mse = (out.float().clamp(0, 1) - gt.float()).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
-
-
-def all_sum(x: Tensor) -> Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(x)
-    return x
-
-
-def image_grids(lq: Tensor, out: Tensor, gt: Tensor, nodes: Tensor, tasks: list[str], what: str,
-                n: int = 4) -> dict[str, Tensor]:
-    """TensorBoard images: LQ | output | GT side by side, tagged with the task and the expert's node."""
-    return {f"{i}_{task}/{what}_node{int(node)}": torch.cat([lq[i], out[i].float().clamp(0, 1), gt[i]], dim=2).cpu()
-            for i, (task, node) in enumerate(zip(tasks[:n], nodes[:n]))}
-
-
-def validate_psnr(engine: Any, tree: DegradationTree, stream: Iterable[dict],
-                  nodes_of: Callable[[Tensor, Tensor], Tensor], names: list[str],
-                  grids: dict[str, Tensor] | None = None) -> dict[str, float]:
-    """Mean PSNR per task of the experts `nodes_of(embeddings, paths) -> [B, len(names)]` picks (and of the
-    input); every rank takes part."""
-    module, n_tasks = engine.module, len(tree.task_names)
-    sums = torch.zeros(len(names) + 1, n_tasks + 1, dtype=torch.float64)  # last row: the input; column: unknown task
-    counts = torch.zeros(n_tasks + 1, dtype=torch.float64)
-    param = next(module.tree_moe.parameters())
-    was = module.training
-    module.eval()
-    with torch.no_grad():
-        for batch in stream:
-            lq, gt = batch["lq"].to(param.device), batch["gt"].to(param.device)
-            task = torch.tensor([tree.task_names.index(t) if t in tree.task_names else n_tasks
-                                 for t in batch["task"]], dtype=torch.long)
-            e = module.extractor.embed(lq)
-            nodes = nodes_of(e, tree.path(e).to(param.device))
-            out = engine(lq.to(param.dtype), nodes)
-            if grids is not None and not grids:
-                grids.update(image_grids(lq, out[:, 0], gt, nodes[:, 0], batch["task"], names[0]))
-            for col in range(len(names)):
-                sums[col].index_add_(0, task, psnr(out[:, col], gt).double().cpu())
-            sums[-1].index_add_(0, task, psnr(lq, gt).double().cpu())
-            counts += torch.bincount(task, minlength=n_tasks + 1).double()
-    module.train(was)
-    total = all_sum(torch.cat([sums.flatten(), counts]).to(param.device)).cpu()
-    sums, counts = total[:-n_tasks - 1].view(len(names) + 1, n_tasks + 1), total[-n_tasks - 1:]
-    out: dict[str, float] = {}
-    for t, name in enumerate(tree.task_names):
-        if counts[t] > 0:
-            for col, what in enumerate(names + ["input"]):
-                out[f"psnr_{what}/{name}"] = float(sums[col, t] / counts[t])
-    return out
+def level_schedule(cfg: RunConfig, n_levels: int) -> tuple[list[float], list[int], list[int]]:
+    """Peak LR, start and end step per level, with the defaults of the module docstring, checked."""
+    t = cfg.train
+    lrs = list(t.level_lrs) or [t.lr] * n_levels
+    starts = list(t.level_start_steps) or [round(l * t.max_steps / n_levels) for l in range(n_levels)]
+    ends = list(t.level_end_steps) or [t.max_steps] * n_levels
+    if not len(lrs) == len(starts) == len(ends) == n_levels:
+        raise ConfigError(f"train.level_lrs {t.level_lrs} / level_start_steps {t.level_start_steps} / level_end_steps "
+                          f"{t.level_end_steps} need one entry per tree level ({n_levels}) or none")
+    if starts[0] != 0 or starts != sorted(starts):
+        raise ConfigError(f"train.level_start_steps {starts}: the root starts at 0 and a level never before its "
+                          f"parent level")
+    if any(e <= s for s, e in zip(starts, ends)) or max(ends) < t.max_steps:
+        raise ConfigError(f"train.level_end_steps {ends}: every level must end after it starts ({starts}), and one "
+                          f"must train until train.max_steps={t.max_steps}")
+    if any(not any(s <= b < e for s, e in zip(starts, ends)) for b in starts + ends if b < t.max_steps):
+        raise ConfigError(f"train.level_start_steps {starts} / level_end_steps {ends}: some steps train no level")
+    return lrs, starts, ends
 
 
 def set_task(spec: str) -> str | None:
@@ -232,14 +110,7 @@ class ExpertsStage:
         extractor, self.tree, _ = load_init(cfg)
         n_levels = self.tree.n_levels
         ep = check_placement(cfg, self.tree, dist_info.world_size)
-        self.level_lrs = list(t.level_lrs) or [t.lr] * n_levels
-        self.starts = list(t.level_start_steps) or [0] * n_levels
-        if len(self.level_lrs) != n_levels or len(self.starts) != n_levels:
-            raise ConfigError(f"train.level_lrs {t.level_lrs} / level_start_steps {t.level_start_steps} need one "
-                              f"entry per tree level ({n_levels})")
-        if self.starts[0] != 0 or self.starts != sorted(self.starts):
-            raise ConfigError(f"train.level_start_steps {self.starts}: the root starts at 0 and a level never "
-                              f"before its parent level")
+        self.level_lrs, self.starts, self.ends = level_schedule(cfg, n_levels)
         self.spec = expert_spec(cfg)
         factory = node_factory(self.spec, t.seed)
         self.extractor_config = extractor.config
@@ -249,7 +120,8 @@ class ExpertsStage:
         self.micro_batch = ds["train_micro_batch_size_per_gpu"]
         groups = self.param_groups(module)
         floor = t.min_lr / t.lr if t.lr > 0 else 0.0
-        lambdas = [lr_lambda(self.starts[g["level"]], t.warmup_steps, t.max_steps, floor, t.schedule) for g in groups]
+        lambdas = [LevelLR(self.starts[g["level"]], t.warmup_steps, self.ends[g["level"]], floor, t.schedule)
+                   for g in groups]
         optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
         self.engine, *_ = deepspeed.initialize(
             model=module, optimizer=optimizer, config=ds,
@@ -261,6 +133,8 @@ class ExpertsStage:
         CommTimer.enabled = True
         if dist_info.rank == 0:
             print(module.tree_moe.placement_report(factory, self.tree.counts.tolist()), file=sys.stderr, flush=True)
+            print(f"[experts] levels train over steps {[list(se) for se in zip(self.starts, self.ends)]} at peak LR "
+                  f"{self.level_lrs}", file=sys.stderr, flush=True)
         self.weights = cfg.data.family_weights or None
         if self.weights is None and cfg.data.balance:
             self.weights = balanced_weights(self.tree, [set_task(s) for s in cfg.data.train_shards])
@@ -325,7 +199,7 @@ class ExpertsStage:
         param = next(module.tree_moe.parameters())
         lq, gt = batch["lq"].to(param.device), batch["gt"].to(param.device)
         paths = self.tree.path(module.extractor.embed(lq)).to(param.device)  # [B, n_levels], oracle routes
-        levels = sorted(self.started)
+        levels = [l for l in sorted(self.started) if step < self.ends[l]]
         nodes = paths[:, levels]
         out = self.engine(lq.to(param.dtype), nodes).float()  # [B, k, 3, H, W]
         diff = out - gt[:, None].float()

@@ -2,9 +2,16 @@
 
 Top-1 dispatch: each image goes to the one node `Router.route` picks, through the same TreeMoE
 placement as the experts stage (forward only, no gradients), and `y = gate(E(x), g)` carries the L1
-loss into the gates; the loss is the paper's L1 + 0.1·L_dg + 0.01·L_aux with u = the image's k-means
-leaf centroid. Metrics: leaf accuracy against the tree path, the chosen level distribution, and how
-often the chosen node lies on the image's own path.
+loss into the gates; the paper's loss is L1 + dg_weight·L_dg + aux_weight·L_aux with u = the image's
+k-means leaf centroid, L_aux over the level probabilities of the global batch (all ranks).
+
+That loss alone asks the gates only whether scaling the output would lower L1, not which expert
+restores best. With `train.leaf_ce_weight` / `train.level_ce_weight` > 0 (the default) the stage also
+sends every image to all the experts on its own tree path, measures their L1 against the ground
+truth, and adds cross-entropy towards the path's leaf and towards the level whose expert did best
+(ties go to the coarser level). Metrics: leaf accuracy against the tree path, the chosen level
+distribution, how often the chosen node lies on the image's own path, and how often the chosen level
+is the best one.
 
 The experts come from the experts stage's checkpoint (`train.init_ckpt`), read with weights.py and
 loaded strictly into the local slots (any world size / ep_size). DeepSpeed's ZeRO and bf16 optimizers
@@ -21,20 +28,29 @@ from typing import Any, Iterable
 
 import deepspeed
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from torch import Tensor
 
 from unirestorer.data_shards.loader import make_loader
 from unirestorer.launch.env import DistInfo
-from unirestorer.model.router import Route, Router, gate
+from unirestorer.model.router import Route, Router, best_level, gate
 from unirestorer.parallel.tree_moe import TreeMoE, check_ds_config, moe_param_groups
 from unirestorer.train.checkpoint import CheckpointError
 from unirestorer.train.config import ConfigError, RunConfig, build_ds_config
-from unirestorer.train.stage_experts import (TreeModule, all_sum, check_placement,
-                                             expert_spec, load_init, node_factory, stream_config,
-                                             tree_from_state, tree_to_state, validate_psnr)
 from unirestorer.train.stage import warmup_cosine
+from unirestorer.train.stage_state import tree_from_state, tree_to_state
+from unirestorer.train.tree_stage import (TreeModule, all_sum, check_placement, expert_spec, load_init, node_factory,
+                                          stream_config, validate_psnr)
 from unirestorer.train.weights import read_checkpoint
+
+
+def global_sum(x: Tensor) -> Tensor:
+    """Sum over ranks that gradients flow through (L_aux of the global batch)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        return dist_nn.all_reduce(x)
+    return x
 
 
 def load_tree_weights(tree_moe: TreeMoE, init_ckpt: str) -> None:
@@ -64,7 +80,10 @@ class RouterStage:
         ep = check_placement(cfg, self.tree, dist_info.world_size)
         tree_moe = TreeMoE(node_factory(self.spec, cfg.train.seed), self.tree.level_sizes, ep)
         load_tree_weights(tree_moe, cfg.train.init_ckpt)
-        router = Router.from_tree(self.tree)
+        t = cfg.train
+        router = Router.from_tree(self.tree, dg_weight=t.dg_weight, aux_weight=t.aux_weight,
+                                  leaf_ce_weight=t.leaf_ce_weight, level_ce_weight=t.level_ce_weight)
+        self.supervised = t.level_ce_weight > 0
         module = TreeModule(extractor, tree_moe, router).to(self.device)
         ds = build_ds_config(cfg, self.device.type)
         self.autocast = bool(ds["bf16"].get("enabled")) and self.device.type == "cuda"
@@ -72,7 +91,6 @@ class RouterStage:
         ds.setdefault("zero_optimization", {})["stage"] = 0
         check_ds_config(ds)
         self.micro_batch = ds["train_micro_batch_size_per_gpu"]
-        t = cfg.train
         groups = moe_param_groups(module, weight_decay=t.weight_decay)
         optimizer = torch.optim.Adam(groups, lr=t.lr, betas=tuple(t.betas))
         self.engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds,
@@ -80,7 +98,9 @@ class RouterStage:
         if dist_info.rank == 0:
             print(f"[router] experts from {cfg.train.init_ckpt} (frozen, {self.spec}); router "
                   f"{sum(p.numel() for p in router.parameters()) / 1e6:.3f}M params trained with ZeRO stage 0 in "
-                  f"fp32{', experts under bf16 autocast' if self.autocast else ''}", file=sys.stderr, flush=True)
+                  f"fp32{', experts under bf16 autocast' if self.autocast else ''}; loss: paper (dg "
+                  f"{t.dg_weight}, aux {t.aux_weight}) + CE leaf {t.leaf_ce_weight} / best level {t.level_ce_weight}",
+                  file=sys.stderr, flush=True)
         return self.engine
 
     def stream(self, cfg: RunConfig, dist_info: DistInfo, segment: int) -> Iterable[dict]:
@@ -98,20 +118,31 @@ class RouterStage:
         e = module.extractor.embed(lq)
         paths = self.tree.path(e).to(self.device)
         route = module.router.route(e)
-        y = gate(self.experts(lq, route.node[:, None])[:, 0], route.g)
+        nodes = torch.cat([route.node[:, None], paths], 1) if self.supervised else route.node[:, None]
+        out = self.experts(lq, nodes)  # [B, 1 (+ n_levels), 3, H, W]
+        y = gate(out[:, 0], route.g)
+        level_target = best_level((out[:, 1:] - gt[:, None]).abs().flatten(2).mean(2)) if self.supervised else None
         u = self.tree.centroids.to(e)[paths[:, -1]]
-        loss, parts = module.router.loss(route, F.l1_loss(y, gt), u)
-        return loss, {**{f"loss/{k}": float(v) for k, v in parts.items()}, **self.routing(route, paths)}
+        importance = global_sum(route.p_level.sum(0))
+        loss, parts = module.router.loss(route, F.l1_loss(y, gt), u, paths[:, -1] - self.tree.level_starts[-1],
+                                         level_target, importance)
+        return loss, {**{f"loss/{k}": float(v) for k, v in parts.items()},
+                      **self.routing(route, paths, best=level_target)}
 
-    def routing(self, route: Route, paths: Tensor, prefix: str = "route") -> dict[str, float]:
-        """Leaf accuracy, on-path rate and level distribution over all ranks' images."""
+    def routing(self, route: Route, paths: Tensor, prefix: str = "route", best: Tensor | None = None
+                ) -> dict[str, float]:
+        """Leaf accuracy, on-path rate, best-level rate (when measured) and level distribution over all ranks."""
         leaf_hit = (route.leaf + self.tree.level_starts[-1] == paths[:, -1]).double().sum()
         on_path = (paths.gather(1, route.level[:, None]).squeeze(1) == route.node).double().sum()
+        best_hit = (route.level == best).double().sum() if best is not None else leaf_hit.new_zeros(())
         levels = torch.bincount(route.level, minlength=self.tree.n_levels).double()
-        sums = all_sum(torch.cat([leaf_hit[None], on_path[None], levels]).to(self.device)).cpu()
-        n = float(sums[2:].sum().clamp_min(1))
+        sums = all_sum(torch.stack([leaf_hit, on_path, best_hit.to(leaf_hit)]).to(self.device)).cpu()
+        counts = all_sum(levels.to(self.device)).cpu()
+        n = float(counts.sum().clamp_min(1))
         out = {f"{prefix}/leaf_accuracy": float(sums[0]) / n, f"{prefix}/on_path": float(sums[1]) / n}
-        out |= {f"{prefix}/level{l}_share": float(v) / n for l, v in enumerate(sums[2:])}
+        if best is not None:
+            out[f"{prefix}/best_level_rate"] = float(sums[2]) / n
+        out |= {f"{prefix}/level{l}_share": float(v) / n for l, v in enumerate(counts)}
         return out
 
     def state(self) -> dict[str, Any]:

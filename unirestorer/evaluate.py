@@ -3,6 +3,8 @@
 Per image, on the root→leaf path of the leaf the estimator picks (blind, or inside `--instruct`'s
 subtree), every node's expert is run once; from those outputs come
   input   the degraded image itself (no restoration),
+  classical  the classical floor for the set's task (unirestorer/classical.py: BM3D or NL-means for
+          noise, the dark channel prior for haze; none for other tasks),
   root    the root expert alone (degradation-agnostic all-in-one),
   leaf    the estimator's leaf alone (no granularity: always the finest expert),
   routed  the node the router picks (leaf and level), i.e. the model,
@@ -24,7 +26,7 @@ import numpy as np
 
 from unirestorer.metrics import Convention, crop_to_multiple, mean, psnr, ssim
 
-METHODS = ("input", "root", "leaf", "routed", "oracle")
+METHODS = ("input", "classical", "root", "leaf", "routed", "oracle")
 # --synth FAMILY:VALUE -> (degradation type, the parameter VALUE sets); FAMILY alone draws params.
 SYNTH_PARAM = {"noise": ("gaussian_noise", "sigma"), "jpeg": ("jpeg", "quality"), "blur": ("gaussian_blur", "sigma")}
 
@@ -34,6 +36,20 @@ class Sample:
     name: str
     lq: np.ndarray  # HxWx3 float32 in [0, 1], already cropped per the convention
     gt: np.ndarray
+    label: dict | None = None  # the synthetic degradation's label, where known
+
+    @property
+    def sigma(self) -> float | None:
+        """Std of additive Gaussian noise in [0, 1] units where the label says (else the classical row estimates it)."""
+        return known_sigma(self.label) if self.label else None
+
+
+def known_sigma(label: dict) -> float | None:
+    """The Gaussian noise std of a one-component noise label (None for anything else: estimated then)."""
+    comps = label.get("components", [])
+    if len(comps) == 1 and comps[0].get("type") == "gaussian_noise":
+        return float(comps[0]["params"]["sigma"]) / 255
+    return None
 
 
 def _images(folder: Path) -> dict[str, Path]:
@@ -90,27 +106,32 @@ def synth_label(spec: str) -> tuple[str, dict | None]:
 def load_synthetic(clean_dir: Path, spec: str, seed: int = 0, multiple: int = 16,
                    limit: int | None = None) -> list[Sample]:  # fmt: skip
     """Clean images degraded at test time after the crop; image i uses rng([seed, i]) (order-proof)."""
-    from unirestorer.data_shards.degradations import apply_label, synthesize
+    from unirestorer.data_shards.degradations import apply_label, sample_label
 
-    task, label = synth_label(spec)
+    task, fixed = synth_label(spec)
     samples = []
     for i, (name, path) in enumerate(sorted(_images(clean_dir).items())[:limit]):
         gt = _read(path, multiple)
         rng = np.random.default_rng([seed, i])
-        lq = apply_label(gt, label, rng) if label else synthesize(gt, task, rng)[0]
-        samples.append(Sample(name, np.clip(lq, 0, 1).astype(np.float32), gt))
+        label = fixed or sample_label(task, rng)  # synthesize() draws the label from rng the same way
+        lq = apply_label(gt, label, rng)
+        samples.append(Sample(name, np.clip(lq, 0, 1).astype(np.float32), gt, label))
     if not samples:
         raise ValueError(f"{clean_dir}: no images found")
     return samples
 
 
 def evaluate(model, samples: list[Sample], conv: Convention = Convention(), task: str | None = None,
-             tile: int = 0, overlap: int = 64, device: str = "cpu",
-             progress: bool = True) -> tuple[list[dict], list[np.ndarray]]:  # fmt: skip
-    """Per-image records (route, PSNR/SSIM of every method and of every path node) and routed outputs."""
+             tile: int = 0, overlap: int = 64, device: str = "cpu", progress: bool = True,
+             set_task: str | None = None, denoiser: str = "auto") -> tuple[list[dict], list[np.ndarray]]:  # fmt: skip
+    """Per-image records (route, PSNR/SSIM of every method and of every path node) and routed outputs.
+
+    `task` routes in instruction mode; `set_task` (the set's degradation) and `denoiser` pick the classical
+    row."""
     import torch
     from tqdm import tqdm
 
+    from unirestorer import classical
     from unirestorer.restore import route_image, run_expert
 
     records, outputs = [], []
@@ -124,8 +145,10 @@ def evaluate(model, samples: list[Sample], conv: Convention = Convention(), task
         score = {n: (psnr(o, s.gt, conv), ssim(o, s.gt, conv)) for n, o in outs.items()}
         node = int(route.node[0])
         best = max(path, key=lambda n: score[n][0])
-        scores = {"input": (psnr(s.lq, s.gt, conv), ssim(s.lq, s.gt, conv)), "root": score[path[0]],
-                  "leaf": score[leaf0 + leaf], "routed": score[node], "oracle": score[best]}
+        floor = classical.restore(s.lq, set_task, s.sigma, denoiser)
+        scores = {"input": (psnr(s.lq, s.gt, conv), ssim(s.lq, s.gt, conv)),
+                  "classical": (None, None) if floor is None else (psnr(floor, s.gt, conv), ssim(floor, s.gt, conv)),
+                  "root": score[path[0]], "leaf": score[leaf0 + leaf], "routed": score[node], "oracle": score[best]}
         records.append({"name": s.name, "level": int(route.level[0]), "node": node, "leaf": leaf0 + leaf,
                         "oracle_node": best, "path": path, "path_psnr": [score[n][0] for n in path],
                         **{f"{m}_{k}": v[j] for m, v in scores.items() for j, k in enumerate(("psnr", "ssim"))}})
@@ -133,17 +156,32 @@ def evaluate(model, samples: list[Sample], conv: Convention = Convention(), task
     return records, outputs
 
 
-def summarise(records: list[dict]) -> dict[str, dict[str, float]]:
-    return {m: {k: mean([r[f"{m}_{k}"] for r in records]) for k in ("psnr", "ssim")} for m in METHODS}
+def summarise(records: list[dict]) -> dict[str, dict[str, float | None]]:
+    """Mean PSNR/SSIM per method; None for a method with no value (no classical method for the task)."""
+    def avg(values: list) -> float | None:
+        return None if any(v is None for v in values) else mean(values)
+
+    return {m: {k: avg([r[f"{m}_{k}"] for r in records]) for k in ("psnr", "ssim")} for m in METHODS}
 
 
-def markdown(title: str, conv: Convention, records: list[dict], n_levels: int) -> str:
+def cell(value: float | None, digits: int = 2) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(title: str, conv: Convention, records: list[dict], n_levels: int, set_task: str | None = None,
+             denoiser: str = "auto") -> str:  # fmt: skip
+    from unirestorer.classical import method_name
+
     summary = summarise(records)
-    lines = [f"### {title}", "", f"Convention: {conv.describe()}. {len(records)} images.", "",
+    floor = method_name(set_task, denoiser)
+    lines = [f"### {title}", "", f"Convention: {conv.describe()}. {len(records)} images. Classical row: "
+             f"{floor or 'none for this task'}.", "",
              "| method | PSNR (dB) | SSIM | ΔPSNR vs input |", "|---|---|---|---|"]
     for m in METHODS:
         p, q = summary[m]["psnr"], summary[m]["ssim"]
-        lines.append(f"| {m} | {p:.2f} | {q:.4f} | {p - summary['input']['psnr']:+.2f} |")
+        gain = "—" if p is None else f"{p - summary['input']['psnr']:+.2f}"
+        lines.append(f"| {m if m != 'classical' or not floor else f'classical ({floor})'} | {cell(p)} | "
+                     f"{cell(q, 4)} | {gain} |")
     levels = np.bincount([r["level"] for r in records], minlength=n_levels)
     lines += ["", "Routed level counts (0 = root): " + ", ".join(f"level {l}: {c}" for l, c in enumerate(levels))]
     return "\n".join(lines) + "\n"
@@ -151,7 +189,7 @@ def markdown(title: str, conv: Convention, records: list[dict], n_levels: int) -
 
 def summary_row(name: str, conv: Convention, records: list[dict]) -> str:
     s = summarise(records)
-    cells = " | ".join(f"{s[m]['psnr']:.2f} / {s[m]['ssim']:.4f}" for m in METHODS)
+    cells = " | ".join(f"{cell(s[m]['psnr'])} / {cell(s[m]['ssim'], 4)}" for m in METHODS)
     return f"| {name} | {'Y' if conv.y_channel else 'RGB'}{', uint8' if conv.uint8 else ''} | {len(records)} | {cells} |"
 
 
@@ -213,6 +251,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--synth", metavar="SPEC", help="with --clean: noise:SIGMA, jpeg:QUALITY, blur:SIGMA or a task")
     p.add_argument("--task", help="task label of this set (default: the --synth family)")
     p.add_argument("--instruct", action="store_true", help="route in instruction mode for --task")
+    p.add_argument("--classical", choices=("auto", "bm3d", "nlmeans"), default="auto",
+                   help="denoiser of the classical row on noise sets (default auto: BM3D where installed)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic degradation (default 0)")
     p.add_argument("--y-channel", action="store_true", help="metrics on BT.601 Y (BasicSR, e.g. rain)")
     p.add_argument("--uint8", action="store_true", help="round outputs and targets to uint8 first")
@@ -233,6 +273,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from unirestorer.classical import pick_denoiser
     from unirestorer.restore import check_tiling, load_model
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -254,6 +295,7 @@ def run(args: argparse.Namespace) -> int:
         if args.instruct and task not in model.router.task_names:
             raise ValueError(f"--instruct: task {task!r} unknown; this model knows {model.router.task_names}")
         check_tiling(model, args.tile, args.overlap)
+        pick_denoiser(args.classical)
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -261,9 +303,10 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or Path("runs/eval") / name.replace(" ", "_").replace(":", "")
     out.mkdir(parents=True, exist_ok=True)
     source = f"{args.clean} + {args.synth} (seed {args.seed})" if args.clean else f"{args.pairs[0]} vs {args.pairs[1]}"
-    records, outputs = evaluate(model, samples, conv, task if args.instruct else None, args.tile, args.overlap, device)
+    records, outputs = evaluate(model, samples, conv, task if args.instruct else None, args.tile, args.overlap, device,
+                                set_task=task, denoiser=args.classical)
     table = markdown(f"{name}: {source}{' (instruction mode)' if args.instruct else ''}", conv, records,
-                     model.tree.n_levels)
+                     model.tree.n_levels, task, args.classical)
     print(table)
     (out / "results.md").write_text(table)
     write_csv(out / "results.csv", records)
