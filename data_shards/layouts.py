@@ -4,7 +4,7 @@
 have them on disk (DESIGN §4 names the degradations; the issue names the layouts):
 
     promptir    data/Train/{Denoise,Derain,Dehaze}: clean images (noise added at σ 15/25/50),
-                Derain as `rain100l`, Dehaze as `reside-ots`; one shard set per task under OUT/<task>/
+                Derain as `rain100l`, Dehaze as `reside-ots`; one shard set per task in OUT/<task>/
     rain100l    rainy/rain-N.* <-> gt/norain-N.*, or rain-N.* beside norain-N.* in one folder
     reside-ots  synthetic/**/ID_A_BETA.* <-> original/ID.* (many to one; A and β kept in the label)
     gopro       [train/]SEQ/blur/N.* <-> SEQ/sharp/N.* (the sequence kept in the label)
@@ -58,6 +58,7 @@ class Scan:
     ignored: list[str] = field(default_factory=list)  # files outside the layout, by design
     missing: list[str] = field(default_factory=list)  # optional parts of the layout that are absent
     seen: set[Path] = field(default_factory=set)  # every file a layout looked at
+    per_task_folders: bool = False  # a multi-task layout writes OUT/<task>/ even when some parts are missing
 
     def stems(self, folder: Path) -> dict[str, list[Path]]:
         """Files under `folder` by relative path without extension (and marked as looked at)."""
@@ -200,6 +201,7 @@ def scan_promptir(root: Path, sigmas: tuple[float, ...] = PROMPTIR_SIGMAS) -> Sc
     """PromptIR's data/Train: Denoise/ (clean), Derain/ (Rain100L), Dehaze/ (RESIDE OTS); absent parts
     are reported as missing, not an error, unless all three are."""
     scan, root = Scan("promptir", root), _dir(root, "PromptIR's data/Train with Denoise/, Derain/, Dehaze/")
+    scan.per_task_folders = True
     if (root / "Denoise").is_dir():
         clean = [p for paths in scan.stems(root / "Denoise").values() for p in paths]
         scan.add("noise", [Pair(p, None, "noise", sigmas=sigmas) for p in sorted(clean)])
@@ -285,7 +287,7 @@ def _items(pairs: list[Pair], root: Path, dataset: str) -> list[_LayoutItem]:
 def write_scan(scan: Scan, out: str | os.PathLike, per_image: int = 1, patch: int = 0, seed: int = 0,
                shard_size: int = 256, workers: int | None = None, force: bool = False,
                max_pixels: int | None = DEFAULT_MAX_PIXELS) -> tuple[dict[str, dict], str]:  # fmt: skip
-    """Write one shard set per task (OUT itself for one task, OUT/<task>/ for several); returns the
+    """Write one shard set per task (OUT/<task>/ for a multi-task layout, else OUT itself); returns the
     manifests by task and the summary line. Raises ShardWriteError when no pair at all was usable."""
     workers = writer._check_common(per_image, patch, workers)
     out = Path(out)
@@ -295,7 +297,7 @@ def write_scan(scan: Scan, out: str | os.PathLike, per_image: int = 1, patch: in
     manifests, unusable, failed = {}, 0, []
     for task in sorted(scan.sets):
         items = _items(scan.sets[task], scan.root, scan.dataset)
-        target = out / task if len(scan.sets) > 1 else out
+        target = out / task if scan.per_task_folders else out
         args = {"layout": scan.dataset, "root": str(scan.root), "task": task, "per_image": per_image, "patch": patch,
                 "seed": seed, "shard_size": shard_size, "workers": workers, "max_pixels": max_pixels}  # fmt: skip
         if not items:
