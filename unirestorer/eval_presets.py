@@ -38,7 +38,7 @@ ROWS = (("input", "Input (no restoration)"), ("root", "Root expert only"), ("lea
 
 
 @dataclass(frozen=True)
-class TestSet:
+class BenchmarkSet:
     column: str  # the papers' column name
     task: str
     layouts: tuple[tuple[str, str, str], ...]  # (folder under ROOT, LQ sub-folder, GT sub-folder); "" = clean only
@@ -47,15 +47,15 @@ class TestSet:
 
 
 CBSD68 = (("denoise/bsd68", "", ""), ("CBSD68", "", ""))
-SOTS = TestSet("Dehazing SOTS", "haze", (("dehaze", "input", "target"), ("SOTS/outdoor", "hazy", "gt")), gt_key="id")
-RAIN = TestSet("Deraining Rain100L", "rain", (("derain/Rain100L", "input", "target"), ("Rain100L", "input", "target")))
-GOPRO_PAIRS = TestSet("Deblurring GoPro", "blur", (("deblur/GoPro", "input", "target"),))
-GOPRO_SEQS = TestSet("Deblurring GoPro", "blur", (("GoPro/test", "blur", "sharp"),), gt_key="sequences")
-LOL = TestSet("Low-light LOL", "lowlight", (("lowlight/LOL", "low", "high"), ("LOL/eval15", "low", "high"),
+SOTS = BenchmarkSet("Dehazing SOTS", "haze", (("dehaze", "input", "target"), ("SOTS/outdoor", "hazy", "gt")), gt_key="id")
+RAIN = BenchmarkSet("Deraining Rain100L", "rain", (("derain/Rain100L", "input", "target"), ("Rain100L", "input", "target")))
+GOPRO_PAIRS = BenchmarkSet("Deblurring GoPro", "blur", (("deblur/GoPro", "input", "target"),))
+GOPRO_SEQS = BenchmarkSet("Deblurring GoPro", "blur", (("GoPro/test", "blur", "sharp"),), gt_key="sequences")
+LOL = BenchmarkSet("Low-light LOL", "lowlight", (("lowlight/LOL", "low", "high"), ("LOL/eval15", "low", "high"),
                                             ("LOL", "low", "high")))  # fmt: skip
-SETTINGS: dict[str, tuple[TestSet | tuple[TestSet, ...], ...]] = {
-    "3task": (SOTS, RAIN, *(TestSet(f"Denoising CBSD68 σ={s}", "noise", CBSD68, float(s)) for s in (15, 25, 50))),
-    "5task": (TestSet("Denoising CBSD68 σ=25", "noise", CBSD68, 25.0), SOTS, RAIN, (GOPRO_PAIRS, GOPRO_SEQS), LOL),
+SETTINGS: dict[str, tuple[BenchmarkSet | tuple[BenchmarkSet, ...], ...]] = {
+    "3task": (SOTS, RAIN, *(BenchmarkSet(f"Denoising CBSD68 σ={s}", "noise", CBSD68, float(s)) for s in (15, 25, 50))),
+    "5task": (BenchmarkSet("Denoising CBSD68 σ=25", "noise", CBSD68, 25.0), SOTS, RAIN, (GOPRO_PAIRS, GOPRO_SEQS), LOL),
 }
 PRESETS = tuple(f"{family}-{setting}" for family in ("promptir", "basicsr") for setting in SETTINGS)
 
@@ -95,7 +95,7 @@ def _mapped(base: Path, lq: str, gt: str, gt_key: str, multiple: int, limit: int
     return samples
 
 
-def find(root: Path, options: TestSet | tuple[TestSet, ...]) -> tuple[TestSet, Path, str, str] | None:
+def find(root: Path, options: BenchmarkSet | tuple[BenchmarkSet, ...]) -> tuple[BenchmarkSet, Path, str, str] | None:
     """The first layout of the set present under root."""
     for ts in options if isinstance(options, tuple) else (options,):
         for folder, lq, gt in ts.layouts:
@@ -110,7 +110,7 @@ def find(root: Path, options: TestSet | tuple[TestSet, ...]) -> tuple[TestSet, P
     return None
 
 
-def load_set(ts: TestSet, base: Path, lq: str, gt: str, family: str, seed: int,
+def load_set(ts: BenchmarkSet, base: Path, lq: str, gt: str, family: str, seed: int,
              limit: int | None) -> list[Sample]:  # fmt: skip
     conv = convention(family, ts.task)
     if ts.sigma is not None:
