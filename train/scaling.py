@@ -10,8 +10,9 @@ follow `train.lr_scaling`: "sqrt" (× √(global / reference), the rule for Adam
 any world size, so they stay wall-clock cadences.
 
 The number of GPUs is never in a config: the same recipe runs on 1, 8 or 64 ranks. A resume at another
-world size rescales the schedule for the new world; the steps already done keep their old size, so
-the images seen in total differ from the recipe by (old global − new global) × steps done.
+world size recomputes the step counts for the new world while the steps already done keep their count
+(and their old batch): a run resumed on more ranks past its new `max_steps` ends at once. To change the
+world size mid-run, pin `train.max_steps` and set `train.reference_batch = 0`.
 """
 
 from __future__ import annotations
