@@ -97,8 +97,10 @@ def match(lq: dict[str, list[Path]], gt: dict[str, list[Path]], gt_key: dict[str
     pairs, used = [], set()
     for key in sorted(lq):
         target = gt_key.get(key)
+        if target in gt:
+            used.add(target)  # an ambiguous GT is reported once, with its LQ
         if len(lq[key]) > 1:
-            scan.unpaired.append(f"{lq[key][0]}: several files share the name {key}: {[str(p) for p in lq[key]]}")
+            scan.unpaired += [f"{p}: several inputs share the name {key}" for p in lq[key]]
         elif target is None:
             scan.unpaired.append(f"{lq[key][0]}: name does not fit the {scan.dataset} layout")
         elif target not in gt:
@@ -107,7 +109,6 @@ def match(lq: dict[str, list[Path]], gt: dict[str, list[Path]], gt_key: dict[str
             scan.unpaired.append(f"{lq[key][0]}: several ground truths named {target}: {[str(p) for p in gt[target]]}")
         else:
             pairs.append(Pair(gt[target][0], lq[key][0], task, params(key)))
-            used.add(target)
     scan.unpaired += [f"{p}: no input image pairs with it" for k in sorted(gt.keys() - used) for p in gt[k]]
     return pairs
 

@@ -219,3 +219,17 @@ def test_layout_command_line_errors(tmp_path, capsys):
     assert "--layout basicsr needs --task NAME" in capsys.readouterr().err
     assert cli.main(["shards", "write", "--layout", "lol", "--root", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "nope: no such directory (LOL: our485/{low,high}/)" in capsys.readouterr().err
+
+
+def test_duplicate_names_are_skipped_not_guessed(tmp_path):
+    lq, gt = tmp_path / "low", tmp_path / "high"
+    img(lq / "1.png", 1)
+    img(lq / "1.jpg", 2)
+    img(gt / "1.png", 3)
+    img(lq / "2.png", 4)
+    img(gt / "2.png", 5)
+    img(gt / "2.bmp", 6)
+    scan = layouts.scan_basicsr(lq, gt, "lowlight")
+    assert scan.sets["lowlight"] == []
+    assert sorted(Path(u.split(":")[0]).name for u in scan.unpaired) == ["1.jpg", "1.png", "2.png"]
+    assert "several ground truths named 2" in scan.unpaired[-1]
