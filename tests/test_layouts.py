@@ -233,3 +233,14 @@ def test_duplicate_names_are_skipped_not_guessed(tmp_path):
     assert scan.sets["lowlight"] == []
     assert sorted(Path(u.split(":")[0]).name for u in scan.unpaired) == ["1.jpg", "1.png", "2.png"]
     assert "several ground truths named 2" in scan.unpaired[-1]
+
+
+def test_clean_layout_is_the_synthetic_writer(tmp_path, capsys):
+    for i in range(2):
+        img(tmp_path / "clean" / f"{i}.png", i)
+    rc = cli.main(["shards", "write", "--layout", "clean", "--root", str(tmp_path / "clean"), "--tasks", "jpeg",
+                   "--patch", "16", "--per-image", "2", "--out", str(tmp_path / "o"), "--workers", "1"])  # fmt: skip
+    assert rc == 0 and "wrote 4 samples in 1 shard" in capsys.readouterr().out
+    got = samples(tmp_path / "o")
+    assert [s["task"] for s in got] == ["jpeg"] * 4 and all(0 <= s["label"]["intensity"] <= 1 for s in got)
+    assert json.loads((tmp_path / "o" / "manifest.json").read_text())["kind"] == "synthetic"
