@@ -20,7 +20,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     src = w.add_mutually_exclusive_group(required=True)
     src.add_argument("--clean", metavar="DIR", help="folder of clean images to degrade")
     src.add_argument("--paired", nargs=2, metavar=("LQ_DIR", "GT_DIR"), help="real pairs, matched by file name")
-    src.add_argument("--layout", choices=LAYOUTS, help="a standard dataset layout under --root (see data_shards/layouts.py)")
+    src.add_argument("--layout", choices=LAYOUTS, help="a standard dataset layout under --root (data_shards/layouts.py)")
     w.add_argument("--root", metavar="DIR", help="with --layout: the dataset folder as distributed")
     w.add_argument("--task", help="task name of the real pairs (--paired, --layout basicsr), e.g. rain")
     w.add_argument("--lq-dir", help="--layout basicsr: LQ folder (relative to --root)")

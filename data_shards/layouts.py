@@ -281,8 +281,9 @@ def _items(pairs: list[Pair], root: Path, dataset: str) -> list[_LayoutItem]:
             return ""
         return p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p)
 
+    ordered = sorted(pairs, key=lambda p: (rel(p.lq), rel(p.gt)))
     return [_LayoutItem(i, rel(p.gt), p.gt, p.lq, rel(p.lq), None if p.lq is None else real_label(p.task, p.params),
-                        p.sigmas, dataset) for i, p in enumerate(sorted(pairs, key=lambda p: (rel(p.lq), rel(p.gt))))]  # fmt: skip
+                        p.sigmas, dataset) for i, p in enumerate(ordered)]  # fmt: skip
 
 
 def write_scan(scan: Scan, out: str | os.PathLike, per_image: int = 1, patch: int = 0, seed: int = 0,

@@ -10,7 +10,6 @@ import json
 import tarfile
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 from PIL import Image

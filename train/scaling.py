@@ -55,13 +55,14 @@ def scale_to_world(cfg: RunConfig, world: int, micro_batch: int) -> str:
     factor = lr_factor(t.lr_scaling, global_batch, t.reference_batch)
     ratio = f"{global_batch}/{t.reference_batch}"
     how = {"sqrt": f"× √({ratio})", "linear": f"× {ratio}", "none": "× 1"}[t.lr_scaling]
-    line = (f"[scale] global batch {global_batch} = {world} rank{'s' * (world != 1)} × {micro_batch}; lr {_num(t.lr * factor)} = "
-            f"{_num(t.lr)} {how} ({t.lr_scaling} rule, reference global batch {t.reference_batch}); "
-            f"max_steps {_steps(t.max_steps, t.reference_batch, global_batch)} = ⌈{t.max_steps} × "
-            f"{t.reference_batch}/{global_batch}⌉ (the recipe's images)")
+    ranks = f"{world} rank{'s' * (world != 1)}"
+    steps = _steps(t.max_steps, t.reference_batch, global_batch)
+    line = (f"[scale] global batch {global_batch} = {ranks} × {micro_batch}; lr {_num(t.lr * factor)} = {_num(t.lr)} "
+            f"{how} ({t.lr_scaling} rule, reference global batch {t.reference_batch}); max_steps {steps} = "
+            f"⌈{t.max_steps} × {t.reference_batch}/{global_batch}⌉ (the recipe's images)")
     t.lr, t.min_lr = t.lr * factor, t.min_lr * factor
     t.level_lrs = [lr * factor for lr in t.level_lrs]
-    t.max_steps = _steps(t.max_steps, t.reference_batch, global_batch)
+    t.max_steps = steps
     t.warmup_steps = _steps(t.warmup_steps, t.reference_batch, global_batch)
     t.level_start_steps = [_steps(s, t.reference_batch, global_batch) for s in t.level_start_steps]
     return line

@@ -47,8 +47,10 @@ class BenchmarkSet:
 
 
 CBSD68 = (("denoise/bsd68", "", ""), ("CBSD68", "", ""))
-SOTS = BenchmarkSet("Dehazing SOTS", "haze", (("dehaze", "input", "target"), ("SOTS/outdoor", "hazy", "gt")), gt_key="id")
-RAIN = BenchmarkSet("Deraining Rain100L", "rain", (("derain/Rain100L", "input", "target"), ("Rain100L", "input", "target")))
+SOTS = BenchmarkSet("Dehazing SOTS", "haze", (("dehaze", "input", "target"), ("SOTS/outdoor", "hazy", "gt")),
+                    gt_key="id")
+RAIN = BenchmarkSet("Deraining Rain100L", "rain", (("derain/Rain100L", "input", "target"),
+                                                   ("Rain100L", "input", "target")))
 GOPRO_PAIRS = BenchmarkSet("Deblurring GoPro", "blur", (("deblur/GoPro", "input", "target"),))
 GOPRO_SEQS = BenchmarkSet("Deblurring GoPro", "blur", (("GoPro/test", "blur", "sharp"),), gt_key="sequences")
 LOL = BenchmarkSet("Low-light LOL", "lowlight", (("lowlight/LOL", "low", "high"), ("LOL/eval15", "low", "high"),
