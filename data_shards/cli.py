@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 SYNTHETIC_DEFAULTS = {"per_image": 4, "patch": 256}
 PAIRED_DEFAULTS = {"per_image": 1, "patch": 0}
+LAYOUTS = ("promptir", "rain100l", "reside-ots", "gopro", "lol", "basicsr", "clean")  # data_shards/layouts.py
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -18,7 +20,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     src = w.add_mutually_exclusive_group(required=True)
     src.add_argument("--clean", metavar="DIR", help="folder of clean images to degrade")
     src.add_argument("--paired", nargs=2, metavar=("LQ_DIR", "GT_DIR"), help="real pairs, matched by file name")
-    w.add_argument("--task", help="task name of the real pairs (with --paired), e.g. rain")
+    src.add_argument("--layout", choices=LAYOUTS, help="a standard dataset layout under --root (data_shards/layouts.py)")
+    w.add_argument("--root", metavar="DIR", help="with --layout: the dataset folder as distributed")
+    w.add_argument("--task", help="task name of the real pairs (--paired, --layout basicsr), e.g. rain")
+    w.add_argument("--lq-dir", help="--layout basicsr: LQ folder (relative to --root)")
+    w.add_argument("--gt-dir", help="--layout basicsr: GT folder (relative to --root)")
+    w.add_argument("--filename-tmpl", default="{}", help="--layout basicsr: LQ name from GT name, e.g. '{}_x4'")
+    w.add_argument("--lq-regex", help="--layout basicsr: regex on LQ names; GT name from --gt-name, e.g. '\\1'")
+    w.add_argument("--gt-name", help="--layout basicsr: GT name template for --lq-regex (backrefs \\1 or \\g<name>)")
+    w.add_argument("--sigmas", default="15,25,50", help="--layout promptir: noise sigmas (0..255) of Denoise/")
     w.add_argument("--out", required=True, metavar="OUT", help="output folder for shard-*.tar and manifest.json")
     w.add_argument("--tasks", default=None, help="comma-separated tasks for --clean (default: all)")
     w.add_argument("--per-image", type=int, default=None,
@@ -43,11 +53,17 @@ def _write(args: argparse.Namespace) -> int:
     from unirestorer.data_shards.degradations import TASKS
     from unirestorer.data_shards.imageio import DEFAULT_MAX_PIXELS
 
-    if args.paired and not args.task:
-        return _fail("--paired needs --task NAME (e.g. --task rain)")
-    if args.clean and args.task:
-        return _fail("--task belongs to --paired; with --clean use --tasks")
-    defaults = PAIRED_DEFAULTS if args.paired else SYNTHETIC_DEFAULTS
+    if args.layout == "clean":
+        if not args.root:
+            return _fail("--layout clean needs --root DIR")
+        args.clean = args.root
+    if (args.paired or args.layout == "basicsr") and not args.task:
+        return _fail(f"{'--paired' if args.paired else '--layout basicsr'} needs --task NAME (e.g. --task rain)")
+    if args.task and not (args.paired or args.layout == "basicsr"):
+        return _fail("--task belongs to --paired and --layout basicsr; with --clean use --tasks")
+    if args.layout and args.layout != "clean" and not args.root:
+        return _fail(f"--layout {args.layout} needs --root DIR")
+    defaults = SYNTHETIC_DEFAULTS if args.clean else PAIRED_DEFAULTS
     common = {
         "per_image": defaults["per_image"] if args.per_image is None else args.per_image,
         "patch": defaults["patch"] if args.patch is None else args.patch,
@@ -58,6 +74,8 @@ def _write(args: argparse.Namespace) -> int:
         "max_pixels": DEFAULT_MAX_PIXELS if args.max_pixels is None else args.max_pixels,
     }
     try:
+        if args.layout and not args.clean:
+            return _write_layout(args, common)
         if args.paired:
             manifest = writer.write_paired(args.paired[0], args.paired[1], args.task, args.out, **common)
         else:
@@ -70,11 +88,50 @@ def _write(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_layout(args: argparse.Namespace, common: dict) -> int:
+    """Scan the layout, write its shard sets, print the one summary line (stdout)."""
+    from unirestorer.data_shards import layouts
+
+    root = Path(args.root)
+    if args.layout == "basicsr":
+        if not args.lq_dir or not args.gt_dir:
+            return _fail("--layout basicsr needs --lq-dir and --gt-dir (relative to --root)")
+        scan = layouts.scan_basicsr(root / args.lq_dir, root / args.gt_dir, args.task, args.filename_tmpl,
+                                    args.lq_regex, args.gt_name)  # fmt: skip
+    elif args.layout == "promptir":
+        try:
+            sigmas = tuple(float(s) for s in args.sigmas.split(",") if s.strip())
+        except ValueError:
+            return _fail(f"--sigmas {args.sigmas!r}: expected numbers such as 15,25,50")
+        scan = layouts.scan_promptir(root, sigmas or layouts.PROMPTIR_SIGMAS)
+    else:
+        scan = {"rain100l": layouts.scan_rain100l, "reside-ots": layouts.scan_reside_ots,
+                "gopro": layouts.scan_gopro, "lol": layouts.scan_lol}[args.layout](root)  # fmt: skip
+    manifests, line = layouts.write_scan(scan, args.out, **common)
+    print(line)
+    return 0
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from unirestorer.data_shards import writer
 
+    out = Path(args.out)
+    sets = [p for p in sorted(out.iterdir()) if p.is_dir() and any(p.glob("shard-*.tar"))] if out.is_dir() else []
+    if sets and not any(out.glob("shard-*.tar")):  # a layout's one shard set per task: OUT/<task>/
+        reports = [writer.inspect_shards(p) for p in sets]
+        if args.json:
+            print(json.dumps(reports, indent=1))
+        else:
+            totals = {}
+            for r in reports:
+                for task, n in r["tasks"].items():
+                    totals[task] = totals.get(task, 0) + n
+            print("\n\n".join(format_report(r) for r in reports))
+            print(f"\n{out}: {len(sets)} shard sets, {sum(totals.values())} samples: "
+                  + ", ".join(f"{t} {n}" for t, n in sorted(totals.items())))
+        return 1 if any(r["errors"] or not r["shards"] for r in reports) else 0
     try:
-        report = writer.inspect_shards(args.out)
+        report = writer.inspect_shards(out)
     except writer.ShardWriteError as e:
         return _fail(str(e))
     print(json.dumps(report, indent=1) if args.json else format_report(report))

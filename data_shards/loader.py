@@ -102,7 +102,13 @@ class StreamConfig:
 
 
 def expand_source(spec: str) -> list[str]:
-    """Brace-expand one shard set; local shards must exist (a typo should fail now, not mid-run)."""
+    """Brace-expand one shard set, or take a folder's shard-*.tar (what `shards write` makes); local
+    shards must exist (a typo should fail now, not mid-run)."""
+    if "://" not in spec and not spec.startswith("pipe:") and Path(spec).is_dir():
+        urls = sorted(str(p) for p in Path(spec).glob("shard-*.tar"))
+        if not urls:
+            raise FileNotFoundError(f"shard set {spec!r}: a folder without shard-*.tar files")
+        return urls
     urls = expand_urls(spec)
     local = [u for u in urls if not u.startswith("pipe:") and urlparse(u).scheme in ("", "file")]
     missing = [u for u in local if not _path(u).is_file()]

@@ -59,6 +59,12 @@ def main(argv: list[str] | None = None) -> int:
 
     info = init_distributed()
     try:
+        if cfg.train.reference_batch:  # the recipe's LR and steps, for this world size (train/scaling.py)
+            from unirestorer.train.scaling import micro_batch_of, scale_to_world
+
+            line = scale_to_world(cfg, info.world_size, micro_batch_of(cfg))
+            if info.rank == 0:
+                print(line, flush=True)
         if args.stage == "cluster":
             from unirestorer.train.stage_cluster import run_cluster
 

@@ -99,6 +99,9 @@ class TrainConfig:
     # test hook: 1-based steps whose loss the spine replaces by NaN on the last rank (see train/stage.py)
     debug_nan_steps: list[int] = field(default_factory=list)
     debug_step_sleep: float = 0.0  # test hook: seconds each rank sleeps after every step (to kill a run mid-way)
+    # global batch that lr and the step counts are written for; 0 = use them as written (train/scaling.py)
+    reference_batch: int = 0
+    lr_scaling: str = "sqrt"  # with reference_batch: lr × sqrt(global / reference), "linear" or "none"
 
 
 @dataclass

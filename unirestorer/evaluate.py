@@ -248,6 +248,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--pairs", nargs=2, type=Path, metavar=("LQ_DIR", "GT_DIR"), help="paired set, matched by name")
     src.add_argument("--clean", type=Path, metavar="DIR", help="clean images, degraded by --synth")
+    src.add_argument("--preset", nargs=2, metavar=("NAME", "ROOT"),
+                     help="standard test sets under ROOT, e.g. promptir-3task (see unirestorer/eval_presets.py)")
     p.add_argument("--synth", metavar="SPEC", help="with --clean: noise:SIGMA, jpeg:QUALITY, blur:SIGMA or a task")
     p.add_argument("--task", help="task label of this set (default: the --synth family)")
     p.add_argument("--instruct", action="store_true", help="route in instruction mode for --task")
@@ -280,6 +282,10 @@ def run(args: argparse.Namespace) -> int:
         print("error: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.preset:
+        from unirestorer.eval_presets import run_preset
+
+        return run_preset(args, device)
     conv = Convention(args.y_channel, args.uint8, args.border, args.multiple)
     try:
         if args.clean is not None:
