@@ -129,8 +129,8 @@ def test_a_real_run_prints_the_line_and_trains_the_scaled_steps(tmp_path):
     m = TINY_EXTRACTOR
     args = ["extractor", f"data.train_shards=[{tmp_path / 'shards'}]", "data.patch_size=32", "data.num_workers=0",
             "data.batches_per_epoch=4", f"model.extractor_backbone={m['backbone']}", f"model.embed_dim={m['embed_dim']}",
-            f"model.extractor_proj_dim={m['proj_dim']}", f"model.extractor_crop={m['crop']}",
-            f"model.extractor_crops={m['n_crops']}", "deepspeed.micro_batch=2", "train.max_steps=4", "train.lr=1e-3",
+            f"model.extractor_proj_dim={m['proj_dim']}", "model.extractor_crop=32",
+            f"model.extractor_max_crops={m['max_crops']}", "deepspeed.micro_batch=2", "train.max_steps=4", "train.lr=1e-3",
             "train.reference_batch=1", "log.val_every=0", "--ckpt-dir", str(tmp_path / "ckpt"),
             "--log-dir", str(tmp_path / "log")]  # fmt: skip
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "MASTER_PORT": str(_free_port()),
