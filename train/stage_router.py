@@ -29,7 +29,6 @@ from typing import Any, Iterable
 import deepspeed
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -46,11 +45,26 @@ from unirestorer.train.tree_stage import (TreeModule, all_sum, check_placement, 
 from unirestorer.train.weights import read_checkpoint
 
 
+class GlobalSum(torch.autograd.Function):
+    """Sum over ranks that gradients flow through: the gradient of a global sum is the global sum of the
+    gradients (every rank's loss depends on every rank's input)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # noqa: ANN001
+        out = x.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # noqa: ANN001
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 def global_sum(x: Tensor) -> Tensor:
-    """Sum over ranks that gradients flow through (L_aux of the global batch)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        return dist_nn.all_reduce(x)
-    return x
+    """L_aux's level importance over the global batch (all ranks)."""
+    return GlobalSum.apply(x) if dist.is_initialized() and dist.get_world_size() > 1 else x
 
 
 def load_tree_weights(tree_moe: TreeMoE, init_ckpt: str) -> None:
@@ -126,7 +140,7 @@ class RouterStage:
         importance = global_sum(route.p_level.sum(0))
         loss, parts = module.router.loss(route, F.l1_loss(y, gt), u, paths[:, -1] - self.tree.level_starts[-1],
                                          level_target, importance)
-        return loss, {**{f"loss/{k}": float(v) for k, v in parts.items()},
+        return loss, {**{f"loss/{k}": float(v.detach()) for k, v in parts.items()},
                       **self.routing(route, paths, best=level_target)}
 
     def routing(self, route: Route, paths: Tensor, prefix: str = "route", best: Tensor | None = None
