@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from unirestorer.launch.env import DistInfo
 from unirestorer.model.tree import DegradationTree
+from unirestorer.safe_files import atomic_write
 from unirestorer.train.config import ConfigError, RunConfig, from_dict
 from unirestorer.train.stage_extractor import build_extractor, shard_stream
 from unirestorer.train.weights import load_submodule, read_checkpoint
@@ -110,7 +111,7 @@ def run_cluster(cfg: RunConfig, info: DistInfo) -> int:
         out = Path(cfg.tree.path)
         tree.save(out)
         stats = tree_stats(tree, str(cfg.train.init_ckpt))
-        (out / STATS_FILE).write_text(json.dumps(stats, indent=1))
+        atomic_write(out / STATS_FILE, json.dumps(stats, indent=1))
         print(format_stats(stats), flush=True)
         print(f"[cluster] tree written to {out} ({STATS_FILE} beside it)", flush=True)
     dist.barrier()
