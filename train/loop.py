@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from unirestorer.launch.env import DistInfo
 from unirestorer.train import checkpoint as ckpt
+from unirestorer.train.ckpt_dir_guard import prepare as prepare_ckpt_dir
 from unirestorer.train.config import ConfigError, RunConfig
 from unirestorer.train.monitor import Monitor
 from unirestorer.train.preemption import PREEMPTED_EXIT_CODE, PreemptionHandler, exit_preempted
@@ -87,9 +88,9 @@ def _next(it: Iterator[dict]) -> dict:
         return next(it)
 
 
-def _resume(stage: Stage, cfg: RunConfig, info: DistInfo, engine: Any, gens: dict) -> tuple[int, int]:
-    """Load what `--resume` names; returns (step, non-finite steps so far)."""
-    point = ckpt.resolve_resume(cfg.ckpt.resume, cfg.ckpt.dir)
+def _resume(stage: Stage, cfg: RunConfig, info: DistInfo, engine: Any, gens: dict,
+            point: ckpt.ResumePoint | None) -> tuple[int, int]:
+    """Load `point` (what `--resume` named); returns (step, non-finite steps so far)."""
     if point is None:
         if info.rank == 0:
             print(f"[resume] starting fresh (--resume {cfg.ckpt.resume}, ckpt dir {cfg.ckpt.dir})", flush=True)
@@ -127,12 +128,13 @@ def run(stage: Stage, cfg: RunConfig, info: DistInfo) -> int:
     if rank == 0:
         print(f"[config] stage {stage.name}, {world} ranks, device {info.device}\n{cfg.pretty()}", flush=True)
     handler = PreemptionHandler().install()
+    point = prepare_ckpt_dir(cfg, rank)  # lock, resume point, refusals: before anything is built
     seed_everything(cfg.train.seed, 0)
     engine = stage.build(cfg, info)
     check_config(cfg, engine)
     seed_everything(cfg.train.seed, rank)
     gens = getattr(stage, "generators", dict)()
-    step, bad_total = _resume(stage, cfg, info, engine, gens)
+    step, bad_total = _resume(stage, cfg, info, engine, gens, point)
 
     every, max_steps = cfg.ckpt.every, cfg.train.max_steps
     per_step = getattr(stage, "images_per_step", engine.train_micro_batch_size_per_gpu)() * world
