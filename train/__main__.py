@@ -24,7 +24,7 @@ from unirestorer.train.loop import EXIT_BAD_LOSS, EXIT_ERROR, EXIT_PREEMPTED, EX
 STAGES = ("extractor", "cluster", "experts", "router")
 
 EPILOG = f"""exit codes: 0 done; {EXIT_ERROR} unexpected error; {EXIT_USAGE} bad command line, config or resume
-request (before training); {EXIT_BAD_LOSS} train.max_bad_steps non-finite losses in a row (last good
+request (before training); {EXIT_BAD_LOSS} train.max_bad_steps non-finite losses or gradients in a row (last good
 checkpoint intact); {EXIT_PREEMPTED} preempted, checkpoint committed (resume with --resume auto)"""
 
 

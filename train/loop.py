@@ -3,7 +3,8 @@
 Per step, on every rank, in this order:
 
     batch (from the stream of segment step // ckpt.every)  ->  loss, metrics = stage.forward(batch, step)
-    -> all-reduce "loss is finite" (MIN): all ranks agree  ->  backward + step, or skip the step everywhere
+    -> all-reduce "loss is finite" (MIN): all ranks agree  ->  backward, all-reduce "gradients are finite"
+       (plain fp32 engines, see grads_finite)  ->  step, or skip the step everywhere
     -> preemption flag (all-reduced)  ->  logs / validation  ->  checkpoint at ckpt.every, at the end, or
        when preempted
 
@@ -14,7 +15,8 @@ Exit codes (also `python -m unirestorer.train --help`):
     0   finished (final checkpoint committed)
     1   an unexpected error (traceback printed)
     2   bad command line, config or resume request, found before any training step
-    65  `train.max_bad_steps` non-finite losses in a row; the last good checkpoint is intact (EX_DATAERR)
+    65  `train.max_bad_steps` non-finite losses or gradients in a row; the last good checkpoint is intact
+        (EX_DATAERR)
     75  preempted (SIGUSR1/SIGTERM): checkpoint committed on every rank, resume with --resume auto
         (EX_TEMPFAIL; under SLURM the job was requeued)
 """
@@ -58,6 +60,17 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     for k, v in d.items():
         out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
+
+
+def grads_finite(engine: Any, info: DistInfo) -> bool:
+    """All ranks: are the gradients finite everywhere? Checked where they live in `param.grad`: a plain fp32
+    engine (ZeRO stage 0, no fp16/bf16 optimizer, as the router stage runs). ZeRO and the mixed-precision
+    optimizers keep gradients in their own buffers; there only the loss check applies."""
+    if engine.zero_optimization_stage() > 0 or engine.fp16_enabled() or engine.bfloat16_enabled():
+        return True
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    ok = all(bool(torch.isfinite(g).all()) for g in grads)
+    return bool(all_reduce(torch.tensor([int(ok)], dtype=torch.int32, device=info.device), dist.ReduceOp.MIN).item())
 
 
 def check_config(cfg: RunConfig, engine: Any) -> None:
@@ -162,13 +175,19 @@ def run(stage: Stage, cfg: RunConfig, info: DistInfo) -> int:
             if step in cfg.train.debug_nan_steps and rank == world - 1:  # test hook
                 loss = loss * float("nan")
             finite = torch.isfinite(loss.detach()).all().to(device=info.device, dtype=torch.int32).reshape(1)
+            what = "loss"
             if all_reduce(finite, dist.ReduceOp.MIN).item():
                 engine.backward(loss)
-                engine.step()
-                bad_in_row = 0
-            else:
+                what = "gradients"
+                if grads_finite(engine, info):
+                    engine.step()
+                    bad_in_row = 0
+                    what = ""
+                else:
+                    engine.zero_grad()
+            if what:
                 bad_in_row, bad_total = bad_in_row + 1, bad_total + 1
-                monitor.note(f"[nan] step {step}: non-finite loss on some rank; step skipped on every rank "
+                monitor.note(f"[nan] step {step}: non-finite {what} on some rank; step skipped on every rank "
                              f"({bad_in_row} in a row, {bad_total} in total)")
             steps_since += 1
             time.sleep(cfg.train.debug_step_sleep)
@@ -182,7 +201,7 @@ def run(stage: Stage, cfg: RunConfig, info: DistInfo) -> int:
                 t_last, steps_since, shown = now, 0, {"loss": values["loss"]}
             if bad_in_row >= cfg.train.max_bad_steps:
                 latest = ckpt.resolve_resume("auto", cfg.ckpt.dir)
-                monitor.note(f"[nan] stopping: {bad_in_row} non-finite losses in a row (train.max_bad_steps="
+                monitor.note(f"[nan] stopping: {bad_in_row} non-finite steps in a row (train.max_bad_steps="
                              f"{cfg.train.max_bad_steps}), steps {step - bad_in_row + 1}..{step}. Last good "
                              f"checkpoint: {latest.path if latest else 'none'} (intact); lower train.lr or "
                              f"check the data, then resume from it")

@@ -1,6 +1,7 @@
 """Stage 2, `cluster`: embed shard samples with the trained extractor on every rank, build the tree on rank 0.
 
-Not a training loop (nothing to resume): each rank embeds its share of `tree.num_samples` samples of
+Not a training loop (nothing to resume; SIGUSR1/SIGTERM stop every rank at the same batch with exit 75 and
+no tree written, so a requeued job simply runs it again): each rank embeds its share of `tree.num_samples` samples of
 `data.train_shards` (native-resolution crops, `DegradationExtractor.embed`), the embeddings and task
 names are gathered, rank 0 fits `DegradationTree.fit(k=tree.levels)` and writes `tree.path/` (tree.json,
 tree.safetensors) plus `tree_stats.json`: nodes per level, counts, task composition, purity (share of a
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from unirestorer.launch.env import DistInfo
 from unirestorer.model.tree import DegradationTree
 from unirestorer.safe_files import atomic_write
 from unirestorer.train.config import ConfigError, RunConfig, from_dict
+from unirestorer.train.preemption import PREEMPTED_EXIT_CODE, PreemptionHandler, exit_preempted
 from unirestorer.train.stage_extractor import build_extractor, shard_stream
 from unirestorer.train.weights import load_submodule, read_checkpoint
 
@@ -91,18 +94,33 @@ def run_cluster(cfg: RunConfig, info: DistInfo) -> int:
         raise ConfigError("stage cluster: set tree.path (the folder the tree is written to)")
     if not cfg.data.train_shards:
         raise ConfigError("stage cluster: data.train_shards is empty")
+    handler = PreemptionHandler().install()
+    try:
+        return _cluster(cfg, info, handler)
+    finally:
+        handler.uninstall()
+
+
+def _cluster(cfg: RunConfig, info: DistInfo, handler: PreemptionHandler) -> int:
     if info.rank == 0:
         print(f"[config] stage cluster, {info.world_size} ranks\n{cfg.pretty()}", flush=True)
     extractor, saved = load_extractor(cfg.train.init_ckpt)
     extractor.to(info.device)
     share = cfg.tree.num_samples // info.world_size + (info.rank < cfg.tree.num_samples % info.world_size)
-    batch = max(1, min(32, share))
+    most = math.ceil(cfg.tree.num_samples / info.world_size)
+    batch = max(1, min(32, most))  # the same batch count on every rank: the stop flag is all-reduced per batch
     embs, tasks = [], []
-    if share:
-        for b in shard_stream(cfg, info, cfg.data.train_shards, batch, math.ceil(share / batch), 0, train=False):
-            keep = min(batch, share - len(tasks))
+    for b in shard_stream(cfg, info, cfg.data.train_shards, batch, math.ceil(most / batch), 0, train=False):
+        keep = min(batch, share - len(tasks))
+        if keep > 0:
             embs.append(extractor.embed(b["lq"][:keep].to(info.device)).float().cpu())
             tasks += b["task"][:keep]
+        if handler.should_stop():  # nothing is written: a rerun (a requeued job) embeds again from the start
+            if info.rank == 0:
+                print(f"[preemption] {handler.received or 'signal on another rank'}: cluster stopped after "
+                      f"{len(tasks)} of {share} samples on rank 0; no tree written; exiting with "
+                      f"{PREEMPTED_EXIT_CODE} (rerun it, under SLURM the job is requeued)", file=sys.stderr, flush=True)
+            exit_preempted(info.rank)
     local = torch.cat(embs) if embs else torch.zeros(0, saved.model.embed_dim)
     all_emb = torch.cat(_gather(local, info))
     all_tasks = _gather_strings(tasks, info)
