@@ -261,10 +261,10 @@ def run(args: argparse.Namespace) -> int:
         if args.instruct and task not in model.router.task_names:
             raise ValueError(f"--instruct: task {task!r} unknown; this model knows {model.router.task_names}")
         check_tiling(model, args.tile, args.overlap)
-        name = args.name or args.synth or task
-        out = ensure_dir(args.out or child("runs/eval", name.replace(" ", "_").replace(":", ""), "--name"))
         if args.summary is not None:
             refuse_symlink(args.summary)
+        name = args.name or args.synth or task
+        out = ensure_dir(args.out or child("runs/eval", name.replace(" ", "_").replace(":", ""), "--name"))
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
