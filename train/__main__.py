@@ -17,8 +17,8 @@ import torch.distributed as dist
 
 from unirestorer.data_shards.loader import EmptyShardsError
 from unirestorer.train.checkpoint import CheckpointError
-from unirestorer.train.fail_fast import FailFast
 from unirestorer.train.config import ConfigError, add_common_args, config_from_args
+from unirestorer.train.fail_fast import FailFast
 from unirestorer.train.loop import EXIT_BAD_LOSS, EXIT_ERROR, EXIT_PREEMPTED, EXIT_USAGE, run
 
 STAGES = ("extractor", "cluster", "experts", "router")

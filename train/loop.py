@@ -140,8 +140,8 @@ def run(stage: Stage, cfg: RunConfig, info: DistInfo) -> int:
     rank, world = info.rank, info.world_size
     if rank == 0:
         print(f"[config] stage {stage.name}, {world} ranks, device {info.device}\n{cfg.pretty()}", flush=True)
-    handler = PreemptionHandler().install()
     point = prepare_ckpt_dir(cfg, rank)  # lock, resume point, refusals: before anything is built
+    handler = PreemptionHandler().install()
     seed_everything(cfg.train.seed, 0)
     engine = stage.build(cfg, info)
     check_config(cfg, engine)
