@@ -203,9 +203,23 @@ def test_one_rank_failing_stops_every_rank_with_the_error_printed_once(shards, t
     assert [code for code, _ in results] == [2, 2], results
     both = results[0][1] + results[1][1]
     error_once(both, f"--ckpt-dir {ck} is in use by another run (pid 4242 on elsewhere since earlier)")
-    assert "[rank 1] stopping: rank 0 failed (exit 2)" in results[1][1]
+    assert "[rank 1] stopping: rank 0 failed (exit 2)" in results[1][1] and "Connection reset" not in both
     assert elapsed < 120  # far below the 1800 s process-group timeout (the bound is the wait above)
     assert not list(ck.glob("step_*"))
+
+
+@pytest.mark.slow
+def test_bad_node_id_inside_the_dispatch_stops_both_ranks(tmp_path):
+    """Rank 1 raises in TreeMoE.forward (a node id the tree lacks) while rank 0 waits in the exchange."""
+    port, logs = free_port(), [tmp_path / f"rank{r}.log" for r in range(2)]
+    entry = (str(REPO / "tests" / "fail_fast_worker.py"),)
+    procs = [start([], logs[r], port, r, 2, entry=entry) for r in range(2)]
+    results = [finish(p, log, timeout=120) for p, log in zip(procs, logs)]
+    assert [code for code, _ in results] == [2, 2], results
+    error_once(results[0][1] + results[1][1], "node ids must lie in [0, 3), got [1, 9]")
+    assert "Connection reset" not in results[0][1] + results[1][1]  # no rank tripped over a vanished peer
+    assert "[rank 0] stopping: rank 1 failed (exit 2)" in results[0][1]
+    assert "forward finished" not in results[0][1]
 
 
 @pytest.mark.slow

@@ -11,7 +11,8 @@ publisher wins; a different message from a later one is printed too), waits unti
 seen it (at most `grace_s`), and exits with its code. On every rank a daemon thread polls that key
 (`poll_s`); when it appears the rank prints one line naming the failed rank and leaves at once with the
 same exit code, from whatever collective it was blocked in (`os._exit`: nothing there can be cleaned up
-safely). A store that goes away (rank 0 finished and exited) stops the watcher quietly.
+safely); rank 0, which hosts the store, first waits (at most `grace_s`) until the failed rank is done
+with it. A store that goes away (rank 0 finished and exited) stops the watcher quietly.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-KEY, SEEN = "unirestorer/fail_fast/error", "unirestorer/fail_fast/seen"
+KEY, SEEN, DONE = "unirestorer/fail_fast/error", "unirestorer/fail_fast/seen", "unirestorer/fail_fast/done"
 
 
 class FailFast:
@@ -75,6 +76,10 @@ class FailFast:
                   f"its error is printed above", file=sys.stderr, flush=True)
             try:
                 self._count_seen()
+                if self.rank == 0:  # rank 0 hosts the store: stay until the failed rank is done with it
+                    deadline = time.monotonic() + self.grace_s
+                    while not store.check([DONE]) and time.monotonic() < deadline:
+                        time.sleep(self.poll_s / 2)
             finally:
                 os._exit(report["code"])
 
@@ -84,15 +89,24 @@ class FailFast:
         if self.store is None:
             print(message, file=sys.stderr, flush=True)
             return code
+        self.stop()  # this rank's own watcher must not exit it while it reports
         mine = json.dumps({"rank": self.rank, "code": code, "message": message})
-        first = json.loads(self.store.compare_set(KEY, "", mine))
+        try:
+            first = json.loads(self.store.compare_set(KEY, "", mine))
+        except Exception:  # the store's host is gone (rank 0 died first): nobody else is left to tell
+            print(message, file=sys.stderr, flush=True)
+            return code
         if first["rank"] == self.rank or _gist(first["message"]) != _gist(message):
             print(message, file=sys.stderr, flush=True)
-        self._count_seen()
-        if first["rank"] == self.rank:  # keep the store up until every rank has read the error
-            deadline = time.monotonic() + self.grace_s
-            while int(self.store.add(SEEN, 0)) < self.world and time.monotonic() < deadline:
-                time.sleep(self.poll_s / 2)
+        try:
+            self._count_seen()
+            if first["rank"] == self.rank:  # keep the store up until every rank has read the error
+                deadline = time.monotonic() + self.grace_s
+                while int(self.store.add(SEEN, 0)) < self.world and time.monotonic() < deadline:
+                    time.sleep(self.poll_s / 2)
+            self.store.set(DONE, str(self.rank))
+        except Exception:  # the host (rank 0) read the error and left, taking the store with it
+            pass
         return code
 
 
