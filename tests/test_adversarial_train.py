@@ -300,3 +300,16 @@ def test_fresh_run_into_a_used_folder_is_refused_unless_force(tmp_path):
     moved = list(root.glob("replaced-*"))
     assert len(moved) == 1 and not list(root.glob("step_*")) and not (root / "latest").exists()
     assert snapshot(moved[0]) == before
+
+
+def test_export_refuses_a_latest_outside_the_folder(tmp_path, capsys):
+    from unirestorer.cli import main
+
+    root = tmp_path / "ck"
+    fake_save(root, 1)
+    fake_save(tmp_path / "elsewhere", 5)
+    (root / "latest").write_text("../elsewhere/step_00000005")
+    assert main(["export", str(root), "--out", str(tmp_path / "bundle")]) == 2
+    assert f"export failed: checkpoint {root}: {root / 'latest'} holds '../elsewhere/step_00000005', not the tag " \
+           f"of a step folder inside {root} (step_NNNNNNNN); refusing to follow it" in capsys.readouterr().out
+    assert not (tmp_path / "bundle").exists()
