@@ -30,7 +30,9 @@ Safety: only `lq.*`/`gt.*` images (PNG/JPEG) and `json` are ever decoded; other 
 ignored, never unpickled. A corrupt shard (unreadable, not a tar, truncated, failing pipe: command)
 or sample (bad image bytes, bad JSON, missing member, mismatched sizes) is logged, counted and
 skipped; a shard counts once per read, and the incomplete sample a truncation leaves behind counts
-as a corrupt sample too. Each batch carries `skipped = {"shards": n, "samples": m}` (skips since the
+as a corrupt sample too. A shard set whose shards were all read, one full pass, without a single file
+coming out (valid empty tars, tars of directories only, all unreadable) stops the stream with
+`EmptyShardsError` naming the set, instead of spinning forever. Each batch carries `skipped = {"shards": n, "samples": m}` (skips since the
 previous batch of that worker); `StreamLoader.skipped` holds the totals over the batches consumed.
 """
 
@@ -156,6 +158,33 @@ class _TarEnd:
         return len(self.tail) == 1024 and self.tail.count(0) == 1024
 
 
+class EmptyShardsError(ValueError):
+    """A shard set that yields no sample at all: the stream would wait forever."""
+
+
+class PassWatch:
+    """Raises EmptyShardsError once every shard of one set was read, with no file out of any of them."""
+
+    def __init__(self, spec: str, urls: list[str]) -> None:
+        self.spec, self.urls, self.empty, self.got_file = spec, set(urls), set(), False
+
+    def files(self, stream: Iterator[dict]) -> Iterator[dict]:
+        for item in stream:
+            self.got_file |= "fname" in item  # tar_file_expander also yields {} at each shard's end
+            yield item
+
+    def shard_done(self, url: str) -> None:
+        """Called once a shard's read is over (all its files have been passed on)."""
+        if self.got_file:
+            self.empty.clear()
+        else:
+            self.empty.add(url)
+        self.got_file = False
+        if self.empty >= self.urls:
+            raise EmptyShardsError(f"shard set {self.spec!r}: a full pass over its {len(self.urls)} shard(s) gave "
+                                   f"no sample (empty tars, directories only, or unreadable; see warnings above)")
+
+
 class Skips:
     """Counts and logs what one worker skipped; `take()` hands over the counts since the last call."""
 
@@ -195,7 +224,7 @@ class Skips:
         return counts
 
 
-def open_shards(urls: Iterator[str], skips: Skips) -> Iterator[dict]:
+def open_shards(urls: Iterator[str], skips: Skips, watch: PassWatch | None = None) -> Iterator[dict]:
     """gopen each url (paths, pipe:, http...) for tar_file_expander; check its end once it is read."""
     for url in urls:
         skips.begin(url)
@@ -203,6 +232,8 @@ def open_shards(urls: Iterator[str], skips: Skips) -> Iterator[dict]:
             stream = gopen(url)
         except Exception as exn:  # missing, unreadable, failing pipe: count it and go on
             skips.shard_error(exn)
+            if watch is not None:
+                watch.shard_done(url)
             continue
         checked = _TarEnd(stream)
         try:
@@ -216,6 +247,8 @@ def open_shards(urls: Iterator[str], skips: Skips) -> Iterator[dict]:
             except Exception as exn:
                 skips.shard_error(exn)
         skips.end()
+        if watch is not None:
+            watch.shard_done(url)
 
 
 def _image(sample: dict, name: str) -> np.ndarray:
@@ -282,9 +315,10 @@ class ShardStream(torch.utils.data.IterableDataset):
         stream, n_streams = self.rank * n_workers + worker, self.world_size * n_workers
         skips = Skips()
         sets = []
-        for urls, seed in zip(self.urls, order_seeds):
+        for spec, urls, seed in zip(cfg.sources, self.urls, order_seeds):
             order = shard_order(urls, stream, n_streams, np.random.default_rng(seed))
-            files = tar_file_expander(open_shards(order, skips), handler=skips.shard_error)
+            watch = PassWatch(spec, urls)
+            files = watch.files(tar_file_expander(open_shards(order, skips, watch), handler=skips.shard_error))
             sets.append(group_by_keys(files, handler=skips.shard_error))
         samples = mix(sets, cfg.weights, np.random.default_rng(mix_seed))
         if cfg.shuffle_buffer > 1:
@@ -382,10 +416,13 @@ class StreamLoader:
     def __iter__(self) -> Iterator[dict]:
         self.dataset.epoch = self.epoch  # workers start (fork or pickle) after this line
         self.epoch += 1
-        for batch in self.loader:
-            for kind, n in batch["skipped"].items():
-                self.skipped[kind] += n
-            yield batch
+        try:
+            for batch in self.loader:
+                for kind, n in batch["skipped"].items():
+                    self.skipped[kind] += n
+                yield batch
+        except EmptyShardsError as err:  # from a worker its message carries the worker's traceback: keep the gist
+            raise EmptyShardsError(str(err).strip().splitlines()[-1].rsplit("EmptyShardsError: ", 1)[-1]) from None
 
 
 def make_loader(cfg: StreamConfig, rank: int = 0, world_size: int = 1, restart: int = 0) -> StreamLoader:

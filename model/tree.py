@@ -24,6 +24,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from unirestorer.safe_files import atomic_path, atomic_write, ensure_dir
+
 CHUNK = 65536  # points per distance block: bounds memory at CHUNK x k distances
 
 
@@ -373,12 +375,12 @@ class DegradationTree:
             raise ValueError(f"{source}: not a valid degradation tree ({type(err).__name__}: {err})") from err
 
     def save(self, directory: str | Path) -> None:
-        """Writes tree.json (structure) and tree.safetensors (centroids)."""
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
+        """Writes tree.json (structure) and tree.safetensors (centroids), each atomically (temp + rename)."""
+        d = ensure_dir(directory)
         meta, tensors = self.to_state()
-        save_file(tensors, str(d / "tree.safetensors"))
-        (d / "tree.json").write_text(json.dumps(meta))
+        with atomic_path(d / "tree.safetensors") as tmp:
+            save_file(tensors, str(tmp))
+        atomic_write(d / "tree.json", json.dumps(meta))
 
     @classmethod
     def load(cls, directory: str | Path) -> "DegradationTree":

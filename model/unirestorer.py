@@ -13,16 +13,19 @@ from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from unirestorer.safe_files import atomic_path, atomic_write, ensure_dir
+
+from . import bundle_schema
+from .bundle_schema import BUNDLE_FORMAT
 from .experts import create_expert
 from .extractor import DegradationExtractor
 from .lora import plain_state_dict
 from .router import Route, Router, TaskArg, best_level, gate
 from .tree import DegradationTree
 
-BUNDLE_FORMAT = "unirestorer-bundle/1"
 WEIGHTS, CONFIG = "weights.safetensors", "bundle.json"
 
 
@@ -139,45 +142,39 @@ class UniRestorer(nn.Module):
         tensors |= {f"router.{k}": v for k, v in self.router.state_dict().items()}
         for node, expert in self._pool().items():
             tensors |= {f"experts.{node}.{k}": v for k, v in plain_state_dict(expert).items()}
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
+        d = ensure_dir(directory)
         # copies: safetensors refuses tensors that share memory (tied or shared LoRA base weights)
-        save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}, str(d / WEIGHTS))
+        with atomic_path(d / WEIGHTS) as tmp:  # temp + rename: an interrupted save leaves the old bundle
+            save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}, str(tmp))
         config = {"format": BUNDLE_FORMAT, "extractor": self.extractor_config, "router": self.router.config,
                   "experts": {str(k): v for k, v in sorted(self.expert_specs.items())}, "tree": tree_meta}
-        (d / CONFIG).write_text(json.dumps(config, indent=1))
+        atomic_write(d / CONFIG, json.dumps(config, indent=1))
 
     @classmethod
     def load_bundle(
         cls, directory: str | Path, *, build_extractor: Callable[..., nn.Module] = DegradationExtractor,
         build_expert: Callable[..., nn.Module] = create_expert, device: str | torch.device = "cpu",
     ) -> "UniRestorer":
-        """Rebuild every module from bundle.json, then load weights.safetensors strictly."""
+        """Rebuild every module from bundle.json, then load weights.safetensors strictly: both are checked
+        first (model/bundle_schema.py), a bad bundle raises BundleError (a ValueError) naming the field."""
         d = Path(directory)
         cfg_file, weights_file = d / CONFIG, d / WEIGHTS
         for f in (cfg_file, weights_file):
             if not f.is_file():
                 raise FileNotFoundError(f"bundle file missing: {f}")
-        config = json.loads(cfg_file.read_text())
-        if config.get("format") != BUNDLE_FORMAT:
-            raise ValueError(f"{cfg_file}: format {config.get('format')!r}, expected {BUNDLE_FORMAT!r}")
-        tensors = load_file(str(weights_file), device=str(device))
-
-        def part(prefix: str) -> dict[str, Tensor]:
-            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-        def load(module: nn.Module, prefix: str, what: str) -> nn.Module:
-            try:
-                module.load_state_dict(part(prefix))
-            except RuntimeError as err:
-                raise ValueError(f"{weights_file}: {what} weights do not match its config: {err}") from err
-            return module.to(device)
-
-        centroids = {"centroids": tensors["tree.centroids"].cpu()}
-        tree = DegradationTree.from_state(config["tree"], centroids, str(cfg_file))
-        extractor = load(build_extractor(**config["extractor"]), "extractor.", "extractor")
-        router = load(Router(**config["router"]), "router.", "router")
+        config = bundle_schema.read_config(cfg_file, build_extractor)  # checked before any value reaches a constructor
+        tensors = bundle_schema.read_tensors(weights_file, device)
+        extractor = build_extractor(**config["extractor"])
+        router = Router(**config["router"])
         specs = {int(k): v for k, v in config["experts"].items()}
-        experts = {n: load(build_expert(**s), f"experts.{n}.", f"expert of node {n} ({s})") for n, s in specs.items()}
+        experts = {n: build_expert(**s) for n, s in specs.items()}
+        parts = {"extractor.": extractor, "router.": router} | {f"experts.{n}.": e for n, e in experts.items()}
+        expected = {"tree.centroids": (len(config["tree"]["parents"]), config["router"]["dim"])}  # router dim = embedding dim
+        expected |= {p + k: v.shape for p, m in parts.items() for k, v in m.state_dict().items()}
+        bundle_schema.check_tensors(tensors, expected, str(weights_file))
+        for prefix, module in parts.items():
+            module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            module.to(device)
+        tree = DegradationTree.from_state(config["tree"], {"centroids": tensors["tree.centroids"].cpu()}, str(cfg_file))
         model = cls(extractor, tree, router, experts, expert_specs=specs, extractor_config=config["extractor"])
         return model.eval()

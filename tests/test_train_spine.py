@@ -179,7 +179,7 @@ def test_non_finite_losses_skipped_then_stop_with_last_good_checkpoint(shards, t
     code, log = finish(launch(2, tmp_path, *args), tmp_path)
     assert code == 65, log[-4000:]
     assert "[nan] step 3: non-finite loss on some rank; step skipped on every rank (1 in a row, 1 in total)" in log
-    assert "[nan] stopping: 2 non-finite losses in a row (train.max_bad_steps=2), steps 5..6" in log
+    assert "[nan] stopping: 2 non-finite steps in a row (train.max_bad_steps=2), steps 5..6" in log
     assert f"Last good checkpoint: {tmp_path / 'ck' / 'step_00000004'} (intact)" in log
     steps = losses(tmp_path)
     assert sorted(steps) == [1, 2, 3, 4, 5, 6] and steps[3] == "nan" and isinstance(steps[4], float)

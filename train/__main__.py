@@ -9,19 +9,22 @@ Stage modules are imported only for the stage asked for. Exit codes: see train/l
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 
 import torch.distributed as dist
 
+from unirestorer.data_shards.loader import EmptyShardsError
 from unirestorer.train.checkpoint import CheckpointError
 from unirestorer.train.config import ConfigError, add_common_args, config_from_args
+from unirestorer.train.fail_fast import FailFast
 from unirestorer.train.loop import EXIT_BAD_LOSS, EXIT_ERROR, EXIT_PREEMPTED, EXIT_USAGE, run
 
 STAGES = ("extractor", "cluster", "experts", "router")
 
 EPILOG = f"""exit codes: 0 done; {EXIT_ERROR} unexpected error; {EXIT_USAGE} bad command line, config or resume
-request (before training); {EXIT_BAD_LOSS} train.max_bad_steps non-finite losses in a row (last good
+request (before training); {EXIT_BAD_LOSS} train.max_bad_steps non-finite losses or gradients in a row (last good
 checkpoint intact); {EXIT_PREEMPTED} preempted, checkpoint committed (resume with --resume auto)"""
 
 
@@ -51,13 +54,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(args)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank reads the same config: one message
+            print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     cfg.train.stage = args.stage
 
     from unirestorer.launch.env import init_distributed  # imports deepspeed
 
     info = init_distributed()
+    guard = FailFast(info.rank, info.world_size).start()  # one rank's error stops every rank (fail_fast.py)
+    failed = False
     try:
         if cfg.train.reference_batch:  # the recipe's LR and steps, for this world size (train/scaling.py)
             from unirestorer.train.scaling import micro_batch_of, scale_to_world
@@ -70,14 +76,15 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_cluster(cfg, info)
         return run(make_stage(args.stage), cfg, info)
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
-        print(f"[rank {info.rank}] error: {e}", file=sys.stderr, flush=True)
-        return EXIT_USAGE
+    except (ConfigError, CheckpointError, FileNotFoundError, EmptyShardsError) as e:
+        failed = True
+        return guard.fail(EXIT_USAGE, f"[rank {info.rank}] error: {e}")
     except Exception:
-        traceback.print_exc()
-        return EXIT_ERROR
+        failed = True
+        return guard.fail(EXIT_ERROR, f"[rank {info.rank}] {traceback.format_exc()}")
     finally:
-        if dist.is_initialized():
+        guard.stop()
+        if dist.is_initialized() and not failed:  # after a failure the peers are gone: nothing to tear down
             dist.destroy_process_group()
 
 

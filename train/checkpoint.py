@@ -9,13 +9,16 @@ Layout of `ckpt_dir`:
 
 A save is complete only when COMPLETE.json exists, and `latest` only ever names complete saves, so a
 crash at any point of a save leaves the previous checkpoint loadable. DeepSpeed's own `latest` write
-is disabled (save_latest=False). `ckpt_dir` must be on a file system that every rank sees.
+is disabled (save_latest=False). `ckpt_dir` must be on a file system that every rank sees. Every rank
+fsyncs the step folder's files before the marker is written; marker and `latest` are temp + rename.
+`latest` is data, not a path: only a `step_N` tag naming a folder directly inside `ckpt_dir` is followed.
+Pruning never deletes a checkpoint newer than the step just committed. Resume loads go through
+train/safe_checkpoint_engine.py (torch.load with weights_only=True), never through pickle.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import sys
@@ -26,6 +29,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from unirestorer.safe_files import atomic_write, fsync_dir, fsync_file
 
 MARKER = "COMPLETE.json"
 LATEST = "latest"
@@ -51,13 +56,8 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def step_of(path: Path) -> int:
+    return int(_TAG_RE.match(path.name)[1])
 
 
 def is_complete(path: str | Path) -> bool:
@@ -68,7 +68,17 @@ def complete_checkpoints(ckpt_dir: str | Path) -> list[Path]:
     """Complete checkpoint folders of `ckpt_dir`, oldest first."""
     root = Path(ckpt_dir)
     found = [p for p in root.iterdir() if _TAG_RE.match(p.name) and is_complete(p)] if root.is_dir() else []
-    return sorted(found, key=lambda p: int(_TAG_RE.match(p.name)[1]))
+    return sorted(found, key=step_of)
+
+
+def read_latest(root: Path, how: str) -> Path:
+    """The step folder `root/latest` names; refuses anything but a step tag of a folder inside `root`."""
+    text = (root / LATEST).read_text(errors="replace").strip()
+    folder = root / text
+    if not _TAG_RE.fullmatch(text) or folder.is_symlink():
+        raise CheckpointError(f"{how}: {root / LATEST} holds {text[:80]!r}, not the tag of a step folder "
+                              f"inside {root} (step_NNNNNNNN); refusing to follow it")
+    return folder
 
 
 # ---------------------------------------------------------------- save
@@ -88,23 +98,29 @@ def write_checkpoint(engine: Any, ckpt_dir: str | Path, step: int, client_state:
     engine.save_checkpoint(str(ckpt_dir), tag=tag_for(step), client_state={**client_state, "step": step},
                            save_latest=False)
     torch.save(rank_state, path / f"rank_{rank:05d}_state.pt")
+    for f in path.iterdir():  # durable before rank 0 marks the save complete (files of every rank, cheap)
+        if f.is_file() and not f.is_symlink():
+            fsync_file(f)
     return tag_for(step)
 
 
 def commit_checkpoint(ckpt_dir: str | Path, step: int, keep_last: int) -> None:
     """All ranks: barrier (every rank finished writing), then rank 0 writes the marker, moves `latest`
-    and deletes all but the newest `keep_last` complete checkpoints (and any incomplete leftovers)."""
+    and deletes all but the newest `keep_last` complete checkpoints up to `step` (and incomplete leftovers
+    older than it). Folders of later steps are never deleted: they are not this run's history."""
     _barrier()
     rank, world = _rank_world()
     if rank == 0:
         root, tag = Path(ckpt_dir), tag_for(step)
         marker = {"tag": tag, "step": step, "world_size": world, "time": time.time(),
                   "files": sorted(p.name for p in (root / tag).iterdir())}
-        _atomic_write(root / tag / MARKER, json.dumps(marker, indent=1))
-        _atomic_write(root / LATEST, tag)
-        keep = {p.name for p in complete_checkpoints(root)[-max(keep_last, 1):]}
+        fsync_dir(root / tag)
+        atomic_write(root / tag / MARKER, json.dumps(marker, indent=1))
+        atomic_write(root / LATEST, tag)
+        older = [p for p in complete_checkpoints(root) if step_of(p) <= step]
+        keep = {p.name for p in older[-max(keep_last, 1):]}
         for p in root.iterdir():
-            if _TAG_RE.match(p.name) and p.name not in keep:
+            if _TAG_RE.match(p.name) and p.name not in keep and step_of(p) < step and not p.is_symlink():
                 shutil.rmtree(p)
     _barrier()
 
@@ -139,31 +155,42 @@ def _point(path: Path, how: str) -> ResumePoint:
     if not is_complete(path):
         raise CheckpointError(f"{how}: checkpoint {path} has no {MARKER}: its save did not finish "
                               f"(crash or preemption during the write); resume from an older one or use --resume none")
-    info = json.loads((path / MARKER).read_text())
-    return ResumePoint(path.parent, path.name, int(info["step"]), int(info["world_size"]))
+    try:
+        info = json.loads((path / MARKER).read_text())
+        return ResumePoint(path.parent, path.name, int(info["step"]), int(info["world_size"]))
+    except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(f"{how}: {path / MARKER} is corrupt ({type(err).__name__}: {str(err)[:120]}); "
+                              f"resume from another checkpoint with --resume PATH") from None
 
 
 def resolve_resume(resume: str, ckpt_dir: str | Path) -> ResumePoint | None:
-    """`--resume` → what to load. `none`: nothing. `auto`: what `ckpt_dir/latest` names, or nothing when
-    there is no `latest` yet (fresh run). PATH: a checkpoint folder, or a ckpt_dir with a `latest` file."""
+    """`--resume` → what to load. `none`: nothing. `auto`: what `ckpt_dir/latest` names; without a `latest`,
+    the newest complete step folder, else nothing (fresh run). PATH: a checkpoint folder, or a ckpt_dir
+    with a `latest` file."""
     if resume == "none":
         return None
     if resume == "auto":
         root = Path(ckpt_dir)
         if not (root / LATEST).is_file():
-            return None
-        tag = (root / LATEST).read_text().strip()
-        return _point(root / tag, f"--resume auto: {root / LATEST} names {tag!r}, but")
+            found = complete_checkpoints(root)
+            if not found:
+                return None
+            if _rank_world()[0] == 0:
+                print(f"[resume] {root} has no '{LATEST}' file: resuming from its newest complete checkpoint "
+                      f"{found[-1].name}", file=sys.stderr, flush=True)
+            return _point(found[-1], "--resume auto")
+        folder = read_latest(root, "--resume auto")
+        return _point(folder, f"--resume auto: {root / LATEST} names {folder.name!r}, but")
     path = Path(resume)
     if not path.exists():
         raise CheckpointError(f"--resume {resume}: {path} does not exist")
     if (path / LATEST).is_file() and not (path / MARKER).exists():
-        return _point(path / (path / LATEST).read_text().strip(), f"--resume {resume}: {path / LATEST} points to a")
+        return _point(read_latest(path, f"--resume {resume}"), f"--resume {resume}: {path / LATEST} points to a")
     if not (path / MARKER).exists() and not any(path.glob("*.pt")):
         raise CheckpointError(f"--resume {resume}: {path} is neither a checkpoint folder nor a folder with a "
                               f"'{LATEST}' file")
     point = _point(path, f"--resume {resume}")
-    newer = [p.name for p in complete_checkpoints(ckpt_dir) if int(_TAG_RE.match(p.name)[1]) > point.step]
+    newer = [p.name for p in complete_checkpoints(ckpt_dir) if step_of(p) > point.step]
     if newer and Path(ckpt_dir).resolve() == point.root.resolve():
         raise CheckpointError(f"--resume {resume}: {ckpt_dir} also holds newer checkpoints ({', '.join(newer)}) of "
                               f"another run history, which this run's saves would mix with; pass another --ckpt-dir")
@@ -176,17 +203,20 @@ def load_checkpoint(engine: Any, point: ResumePoint) -> tuple[dict[str, Any], di
     Returns (client_state, this rank's run state). With a different world size (elastic resume) the
     optimizer starts fresh and the rank state is None: the caller re-seeds its RNG and data stream.
     """
+    from unirestorer.train.safe_checkpoint_engine import safe_load, safe_loading  # imports this module
+
     rank, world = _rank_world()
     same = world == point.world_size
     if not same and rank == 0:
         print(f"[checkpoint] elastic resume: {point.path} was written by {point.world_size} ranks, this run has "
               f"{world}: loading weights only; optimizer, LR schedule state and RNG start fresh",
               file=sys.stderr, flush=True)
-    load_path, client_state = engine.load_checkpoint(str(point.root), tag=point.tag, load_optimizer_states=same,
-                                                     load_lr_scheduler_states=same, load_module_only=not same)
+    with safe_loading(engine):  # DeepSpeed's loads go through torch.load(weights_only=True)
+        load_path, client_state = engine.load_checkpoint(str(point.root), tag=point.tag, load_optimizer_states=same,
+                                                         load_lr_scheduler_states=same, load_module_only=not same)
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {point.path}")
     rank_state = None
     if same:
-        rank_state = torch.load(point.path / f"rank_{rank:05d}_state.pt", weights_only=True)
+        rank_state = safe_load(point.path / f"rank_{rank:05d}_state.pt")
     return client_state or {}, rank_state

@@ -130,6 +130,7 @@ class CheckpointConfig:
     every: int = 500
     keep_last: int = 2
     resume: str = "auto"  # auto | none | PATH
+    force: bool = False  # start fresh even though `dir` holds another run's checkpoints (moved aside first)
 
 
 @dataclass
@@ -269,6 +270,7 @@ FLAG_KEYS = {
     "ckpt_every": "ckpt.every",
     "resume": "ckpt.resume",
     "log_dir": "log.dir",
+    "force": "ckpt.force",
 }
 
 
@@ -282,6 +284,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--resume", default=None, help="auto (newest complete checkpoint, else fresh) | PATH | none")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--log-dir", default=None)
+    parser.add_argument("--force", action="store_true", default=None,
+                        help="start fresh although --ckpt-dir holds another run's checkpoints (they are moved aside)")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     return parser

@@ -16,6 +16,7 @@ from pathlib import Path
 from unirestorer.model.experts import create_expert
 from unirestorer.model.router import Router
 from unirestorer.model.unirestorer import CONFIG, UniRestorer
+from unirestorer.safe_files import atomic_write
 from unirestorer.train.checkpoint import CheckpointError
 from unirestorer.train.stage_state import extractor_from_checkpoint, tree_from_state
 from unirestorer.train.weights import Checkpoint, load_submodule, read_checkpoint
@@ -67,7 +68,7 @@ def export(ckpt_dir: str | Path, out: str | Path) -> str:
     bundle["source"] = {"checkpoint": str(ckpt.path), "stage": ckpt.client_state.get("stage"), "step": ckpt.step,
                         "note": note}
     bundle["training_config"] = ckpt.client_state.get("config", {})
-    config_file.write_text(json.dumps(bundle, indent=1))
+    atomic_write(config_file, json.dumps(bundle, indent=1))
     return note
 
 

@@ -3,7 +3,8 @@
 Per step, on every rank, in this order:
 
     batch (from the stream of segment step // ckpt.every)  ->  loss, metrics = stage.forward(batch, step)
-    -> all-reduce "loss is finite" (MIN): all ranks agree  ->  backward + step, or skip the step everywhere
+    -> all-reduce "loss is finite" (MIN): all ranks agree  ->  backward, all-reduce "gradients are finite"
+       (plain fp32 engines, see grads_finite)  ->  step, or skip the step everywhere
     -> preemption flag (all-reduced)  ->  logs / validation  ->  checkpoint at ckpt.every, at the end, or
        when preempted
 
@@ -14,7 +15,8 @@ Exit codes (also `python -m unirestorer.train --help`):
     0   finished (final checkpoint committed)
     1   an unexpected error (traceback printed)
     2   bad command line, config or resume request, found before any training step
-    65  `train.max_bad_steps` non-finite losses in a row; the last good checkpoint is intact (EX_DATAERR)
+    65  `train.max_bad_steps` non-finite losses or gradients in a row; the last good checkpoint is intact
+        (EX_DATAERR)
     75  preempted (SIGUSR1/SIGTERM): checkpoint committed on every rank, resume with --resume auto
         (EX_TEMPFAIL; under SLURM the job was requeued)
 """
@@ -29,6 +31,7 @@ import torch.distributed as dist
 
 from unirestorer.launch.env import DistInfo
 from unirestorer.train import checkpoint as ckpt
+from unirestorer.train.ckpt_dir_guard import prepare as prepare_ckpt_dir
 from unirestorer.train.config import ConfigError, RunConfig
 from unirestorer.train.monitor import Monitor
 from unirestorer.train.preemption import PREEMPTED_EXIT_CODE, PreemptionHandler, exit_preempted
@@ -59,6 +62,17 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def grads_finite(engine: Any, info: DistInfo) -> bool:
+    """All ranks: are the gradients finite everywhere? Checked where they live in `param.grad`: a plain fp32
+    engine (ZeRO stage 0, no fp16/bf16 optimizer, as the router stage runs). ZeRO and the mixed-precision
+    optimizers keep gradients in their own buffers; there only the loss check applies."""
+    if engine.zero_optimization_stage() > 0 or engine.fp16_enabled() or engine.bfloat16_enabled():
+        return True
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    ok = all(bool(torch.isfinite(g).all()) for g in grads)
+    return bool(all_reduce(torch.tensor([int(ok)], dtype=torch.int32, device=info.device), dist.ReduceOp.MIN).item())
+
+
 def check_config(cfg: RunConfig, engine: Any) -> None:
     if cfg.ckpt.every <= 0 or cfg.log.every <= 0 or cfg.train.max_steps < 0:
         raise ConfigError(f"ckpt.every ({cfg.ckpt.every}) and log.every ({cfg.log.every}) must be positive, "
@@ -87,9 +101,9 @@ def _next(it: Iterator[dict]) -> dict:
         return next(it)
 
 
-def _resume(stage: Stage, cfg: RunConfig, info: DistInfo, engine: Any, gens: dict) -> tuple[int, int]:
-    """Load what `--resume` names; returns (step, non-finite steps so far)."""
-    point = ckpt.resolve_resume(cfg.ckpt.resume, cfg.ckpt.dir)
+def _resume(stage: Stage, cfg: RunConfig, info: DistInfo, engine: Any, gens: dict,
+            point: ckpt.ResumePoint | None) -> tuple[int, int]:
+    """Load `point` (what `--resume` named); returns (step, non-finite steps so far)."""
     if point is None:
         if info.rank == 0:
             print(f"[resume] starting fresh (--resume {cfg.ckpt.resume}, ckpt dir {cfg.ckpt.dir})", flush=True)
@@ -126,13 +140,14 @@ def run(stage: Stage, cfg: RunConfig, info: DistInfo) -> int:
     rank, world = info.rank, info.world_size
     if rank == 0:
         print(f"[config] stage {stage.name}, {world} ranks, device {info.device}\n{cfg.pretty()}", flush=True)
+    point = prepare_ckpt_dir(cfg, rank)  # lock, resume point, refusals: before anything is built
     handler = PreemptionHandler().install()
     seed_everything(cfg.train.seed, 0)
     engine = stage.build(cfg, info)
     check_config(cfg, engine)
     seed_everything(cfg.train.seed, rank)
     gens = getattr(stage, "generators", dict)()
-    step, bad_total = _resume(stage, cfg, info, engine, gens)
+    step, bad_total = _resume(stage, cfg, info, engine, gens, point)
 
     every, max_steps = cfg.ckpt.every, cfg.train.max_steps
     per_step = getattr(stage, "images_per_step", engine.train_micro_batch_size_per_gpu)() * world
@@ -160,13 +175,19 @@ def run(stage: Stage, cfg: RunConfig, info: DistInfo) -> int:
             if step in cfg.train.debug_nan_steps and rank == world - 1:  # test hook
                 loss = loss * float("nan")
             finite = torch.isfinite(loss.detach()).all().to(device=info.device, dtype=torch.int32).reshape(1)
+            what = "loss"
             if all_reduce(finite, dist.ReduceOp.MIN).item():
                 engine.backward(loss)
-                engine.step()
-                bad_in_row = 0
-            else:
+                what = "gradients"
+                if grads_finite(engine, info):
+                    engine.step()
+                    bad_in_row = 0
+                    what = ""
+                else:
+                    engine.zero_grad()
+            if what:
                 bad_in_row, bad_total = bad_in_row + 1, bad_total + 1
-                monitor.note(f"[nan] step {step}: non-finite loss on some rank; step skipped on every rank "
+                monitor.note(f"[nan] step {step}: non-finite {what} on some rank; step skipped on every rank "
                              f"({bad_in_row} in a row, {bad_total} in total)")
             steps_since += 1
             time.sleep(cfg.train.debug_step_sleep)
@@ -180,7 +201,7 @@ def run(stage: Stage, cfg: RunConfig, info: DistInfo) -> int:
                 t_last, steps_since, shown = now, 0, {"loss": values["loss"]}
             if bad_in_row >= cfg.train.max_bad_steps:
                 latest = ckpt.resolve_resume("auto", cfg.ckpt.dir)
-                monitor.note(f"[nan] stopping: {bad_in_row} non-finite losses in a row (train.max_bad_steps="
+                monitor.note(f"[nan] stopping: {bad_in_row} non-finite steps in a row (train.max_bad_steps="
                              f"{cfg.train.max_bad_steps}), steps {step - bad_in_row + 1}..{step}. Last good "
                              f"checkpoint: {latest.path if latest else 'none'} (intact); lower train.lr or "
                              f"check the data, then resume from it")

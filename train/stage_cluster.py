@@ -1,6 +1,7 @@
 """Stage 2, `cluster`: embed shard samples with the trained extractor on every rank, build the tree on rank 0.
 
-Not a training loop (nothing to resume): each rank embeds its share of `tree.num_samples` samples of
+Not a training loop (nothing to resume; SIGUSR1/SIGTERM stop every rank at the same batch with exit 75 and
+no tree written, so a requeued job simply runs it again): each rank embeds its share of `tree.num_samples` samples of
 `data.train_shards` (native-resolution crops, `DegradationExtractor.embed`), the embeddings and task
 names are gathered, rank 0 fits `DegradationTree.fit(k=levels)` and writes `tree.path/` (tree.json,
 tree.safetensors) plus `tree_stats.json`: nodes per level, counts, task composition, purity (share of a
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,9 @@ import torch.distributed as dist
 
 from unirestorer.launch.env import DistInfo
 from unirestorer.model.tree import DegradationTree
+from unirestorer.safe_files import atomic_write
 from unirestorer.train.config import ConfigError, RunConfig
+from unirestorer.train.preemption import PREEMPTED_EXIT_CODE, PreemptionHandler, exit_preempted
 from unirestorer.train.stage_extractor import shard_stream
 from unirestorer.train.stage_state import extractor_from_checkpoint
 from unirestorer.train.weights import read_checkpoint
@@ -96,17 +100,32 @@ def run_cluster(cfg: RunConfig, info: DistInfo) -> int:
         raise ConfigError("stage cluster: set tree.path (the folder the tree is written to)")
     if not cfg.data.train_shards:
         raise ConfigError("stage cluster: data.train_shards is empty")
+    handler = PreemptionHandler().install()
+    try:
+        return _cluster(cfg, info, handler)
+    finally:
+        handler.uninstall()
+
+
+def _cluster(cfg: RunConfig, info: DistInfo, handler: PreemptionHandler) -> int:
     if info.rank == 0:
         print(f"[config] stage cluster, {info.world_size} ranks\n{cfg.pretty()}", flush=True)
     extractor = extractor_from_checkpoint(read_checkpoint(cfg.train.init_ckpt)).to(info.device)
     share = cfg.tree.num_samples // info.world_size + (info.rank < cfg.tree.num_samples % info.world_size)
-    batch = max(1, min(32, share))
+    most = math.ceil(cfg.tree.num_samples / info.world_size)
+    batch = max(1, min(32, most))  # the same batch count on every rank: the stop flag is all-reduced per batch
     embs, tasks = [], []
-    if share:
-        for b in shard_stream(cfg, info, cfg.data.train_shards, batch, math.ceil(share / batch), 0, train=False):
-            keep = min(batch, share - len(tasks))
+    for b in shard_stream(cfg, info, cfg.data.train_shards, batch, math.ceil(most / batch), 0, train=False):
+        keep = min(batch, share - len(tasks))
+        if keep > 0:
             embs.append(extractor.embed(b["lq"][:keep].to(info.device)).float().cpu())
             tasks += b["task"][:keep]
+        if handler.should_stop():  # nothing is written: a rerun (a requeued job) embeds again from the start
+            if info.rank == 0:
+                print(f"[preemption] {handler.received or 'signal on another rank'}: cluster stopped after "
+                      f"{len(tasks)} of {share} samples on rank 0; no tree written; exiting with "
+                      f"{PREEMPTED_EXIT_CODE} (rerun it, under SLURM the job is requeued)", file=sys.stderr, flush=True)
+            exit_preempted(info.rank)
     local = torch.cat(embs) if embs else torch.zeros(0, extractor.config["embed_dim"])
     all_emb = torch.cat(_gather(local, info))
     all_tasks = _gather_strings(tasks, info)
@@ -117,7 +136,7 @@ def run_cluster(cfg: RunConfig, info: DistInfo) -> int:
         out = Path(cfg.tree.path)
         tree.save(out)
         stats = tree_stats(tree, str(cfg.train.init_ckpt))
-        (out / STATS_FILE).write_text(json.dumps(stats, indent=1))
+        atomic_write(out / STATS_FILE, json.dumps(stats, indent=1))
         print(format_stats(stats), flush=True)
         print(f"[cluster] tree written to {out} ({STATS_FILE} beside it)", flush=True)
     dist.barrier()

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from unirestorer.train.checkpoint import LATEST, MARKER, CheckpointError
+from unirestorer.train.checkpoint import LATEST, MARKER, CheckpointError, read_latest
 
 DENSE_FILE = "mp_rank_00_model_states.pt"
 EXPERT_RE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")
@@ -65,7 +65,7 @@ def step_dir(path: str | Path) -> Path:
     if not p.is_dir():
         raise CheckpointError(f"checkpoint {p} does not exist or is not a folder")
     if not (p / DENSE_FILE).is_file() and (p / LATEST).is_file():
-        p = p / (p / LATEST).read_text().strip()
+        p = read_latest(p, f"checkpoint {p}")  # a step tag inside p, never a path elsewhere
     if not (p / DENSE_FILE).is_file():
         raise CheckpointError(f"{p} holds no {DENSE_FILE}: not a DeepSpeed checkpoint folder nor a folder "
                               f"with a '{LATEST}' file naming one")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import sys
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from unirestorer.metrics import Convention, crop_to_multiple, mean, psnr, ssim
+from unirestorer.safe_files import atomic_write, child, ensure_dir, refuse_symlink
 
 METHODS = ("input", "classical", "root", "leaf", "routed", "oracle")
 # --synth FAMILY:VALUE -> (degradation type, the parameter VALUE sets); FAMILY alone draws params.
@@ -199,11 +201,12 @@ SUMMARY_HEADER = ("| set | metric on | n | " + " | ".join(f"{m} PSNR / SSIM" for
 
 def write_csv(path: Path, records: list[dict]) -> None:
     keys = [k for k in records[0] if k not in ("path", "path_psnr")]
-    with path.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(keys + ["path"])
-        for r in records:
-            w.writerow([r[k] for k in keys] + [" ".join(map(str, r["path"]))])
+    f = io.StringIO(newline="")
+    w = csv.writer(f)
+    w.writerow(keys + ["path"])
+    for r in records:
+        w.writerow([r[k] for k in keys] + [" ".join(map(str, r["path"]))])
+    atomic_write(path, f.getvalue())
 
 
 def _finite(x):
@@ -239,7 +242,10 @@ def write_grid(path: Path, samples: list[Sample], records: list[dict], outputs: 
         rows.append(np.hstack(cells))
     width = max(r.shape[1] for r in rows)
     grid = np.vstack([np.pad(r, ((0, 2), (0, width - r.shape[1]), (0, 0))) for r in rows])
-    cv2.imwrite(str(path), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
+    ok, png = cv2.imencode(".png", cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise OSError(f"{path}: OpenCV could not encode the grid")
+    atomic_write(path, png.tobytes())
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -264,7 +270,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--overlap", type=int, default=64)
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     p.add_argument("--limit", type=int, default=None, help="first N images only")
-    p.add_argument("--name", help="name of this run in titles and the summary (default: --synth, else --task)")
+    p.add_argument("--name", help="name of this run in titles and the summary (default: --synth, else --task); "
+                                  "also the folder under runs/eval/, so a plain name (no '/', '..')")
     p.add_argument("--out", type=Path, help="output folder (default runs/eval/NAME)")
     p.add_argument("--json", action="store_true", help="also write results.json")
     p.add_argument("--summary", type=Path, metavar="FILE", help="append one row to this markdown table")
@@ -302,29 +309,29 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--instruct: task {task!r} unknown; this model knows {model.router.task_names}")
         check_tiling(model, args.tile, args.overlap)
         pick_denoiser(args.classical)
+        if args.summary is not None:
+            refuse_symlink(args.summary)
+        name = args.name or args.synth or task
+        out = ensure_dir(args.out or child("runs/eval", name.replace(" ", "_").replace(":", ""), "--name"))
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    name = args.name or args.synth or task
-    out = args.out or Path("runs/eval") / name.replace(" ", "_").replace(":", "")
-    out.mkdir(parents=True, exist_ok=True)
     source = f"{args.clean} + {args.synth} (seed {args.seed})" if args.clean else f"{args.pairs[0]} vs {args.pairs[1]}"
     records, outputs = evaluate(model, samples, conv, task if args.instruct else None, args.tile, args.overlap, device,
                                 set_task=task, denoiser=args.classical)
     table = markdown(f"{name}: {source}{' (instruction mode)' if args.instruct else ''}", conv, records,
                      model.tree.n_levels, task, args.classical)
     print(table)
-    (out / "results.md").write_text(table)
+    atomic_write(out / "results.md", table)
     write_csv(out / "results.csv", records)
     if args.json:
         doc = {"name": name, "source": source, "convention": conv.describe(), "summary": summarise(records),
                "images": records}
-        (out / "results.json").write_text(json.dumps(_finite(doc), indent=1))
+        atomic_write(out / "results.json", json.dumps(_finite(doc), indent=1))
     if args.grid > 0:
         write_grid(out / "grid.png", samples, records, outputs, args.grid)
     if args.summary:
-        new = not args.summary.exists() or args.summary.stat().st_size == 0
-        with args.summary.open("a") as f:
-            f.write((SUMMARY_HEADER if new else "") + summary_row(name, conv, records) + "\n")
+        old = args.summary.read_text() if args.summary.exists() else ""
+        atomic_write(args.summary, old + (SUMMARY_HEADER if not old else "") + summary_row(name, conv, records) + "\n")
     print(f"wrote {out}")
     return 0

@@ -11,11 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import io
+
 import cv2
 import numpy as np
 from PIL import Image
 
 from unirestorer.data_shards.imageio import DEFAULT_MAX_PIXELS, ImageReadError
+from unirestorer.safe_files import atomic_write
 
 GRAY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 # Suffixes written back as themselves; anything else (bmp, webp, gif...) is written as NAME.SUFFIX.png.
@@ -55,14 +58,22 @@ def load_picture(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) 
     path = Path(path)
     if not path.is_file():
         raise ImageReadError(f"{path}: no such file")
+    # Our own limit replaces Pillow's decompression-bomb cap, so --max-pixels can go above it; the size
+    # comes from the header and is checked before anything (getexif included) decodes pixel data.
+    cap = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
     try:
         with Image.open(path) as im:
             w, h = im.size
+            if max_pixels and w * h > max_pixels:
+                raise ImageReadError(f"{path}: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
             mode, orientation = im.mode, int(im.getexif().get(0x0112, 1) or 1)
+    except ImageReadError:
+        raise
     except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError... on non-images
         raise ImageReadError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
-    if max_pixels and w * h > max_pixels:
-        raise ImageReadError(f"{path}: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
+    finally:
+        Image.MAX_IMAGE_PIXELS = cap
     data = cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_UNCHANGED)
     if data is None or data.shape[:2] != (h, w):
         raise ImageReadError(f"{path}: not a decodable image (truncated or unsupported encoding)")
@@ -84,7 +95,8 @@ def output_name(path: Path) -> str:
 
 
 def save_picture(path: str | Path, rgb: np.ndarray, like: Picture) -> None:
-    """Write restored RGB float [0, 1] at `like`'s bit depth, gray-ness and alpha; format from the suffix."""
+    """Write restored RGB float [0, 1] at `like`'s bit depth, gray-ness and alpha; format from the suffix.
+    The file is replaced atomically; a symlink at `path` is refused (safe_files.UnsafePathError)."""
     path = Path(path)
     top = 65535 if like.bits == 16 else 255
     dtype = np.uint16 if like.bits == 16 else np.uint8
@@ -96,7 +108,9 @@ def save_picture(path: str | Path, rgb: np.ndarray, like: Picture) -> None:
     suffix = path.suffix.lower()
     if like.alpha is not None and suffix not in (".jpg", ".jpeg"):
         if like.gray and like.bits == 8:  # OpenCV cannot encode 2 channels: Pillow writes gray + alpha
-            Image.fromarray(np.dstack([pixels, like.alpha]), "LA").save(path)
+            buf, fmt = io.BytesIO(), Image.registered_extensions().get(suffix, "PNG")
+            Image.fromarray(np.dstack([pixels, like.alpha]), "LA").save(buf, format=fmt)
+            atomic_write(path, buf.getvalue())
             return
         if like.gray:
             pixels = np.repeat(pixels, 3, axis=2)
@@ -107,4 +121,4 @@ def save_picture(path: str | Path, rgb: np.ndarray, like: Picture) -> None:
     ok, buf = cv2.imencode(suffix if suffix in KEEP_SUFFIX else ".png", pixels, params)
     if not ok:
         raise OSError(f"{path}: OpenCV could not encode the restored image")
-    path.write_bytes(buf.tobytes())
+    atomic_write(path, buf.tobytes())  # temp + rename, never through a symlink

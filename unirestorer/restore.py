@@ -132,20 +132,30 @@ def list_inputs(source: Path) -> list[Path]:
     raise FileNotFoundError(f"--input {source}: no such file or folder")
 
 
-def check_outputs(files: list[Path], source: Path, output: Path) -> list[Path]:
-    """Output paths; refuses (ValueError) any plan that would write over an input."""
+def check_outputs(files: list[Path], source: Path, output: Path, overwrite: bool = False) -> list[Path]:
+    """Output paths; refuses (ValueError) any plan that would write over an input, through a symlink, or
+    over an existing output (unless `overwrite`), before anything is written."""
     from unirestorer.image_io import output_name
 
+    if output.is_symlink() or (output.exists() and not output.is_dir()):
+        raise ValueError(f"--output {output} must be a folder, not a symbolic link or a file")
     out = output.resolve()
     if source.is_dir() and out == source.resolve():
         raise ValueError(f"--output {output} is the input folder: restored files would overwrite the inputs")
     dests = [out / output_name(f) for f in files]
+    links = [d for d in dests if d.is_symlink()]
+    if links:
+        raise ValueError(f"{links[0]} is a symbolic link; refusing to write through it")
     inputs = {f.resolve() for f in files}
     clash = [d for d in dests if d in inputs or (d.exists() and any(d.samefile(f) for f in files))]
     if clash:
         raise ValueError(f"refusing to overwrite input file {clash[0]} (choose another --output)")
     if len(set(dests)) != len(dests):
         raise ValueError("two inputs map to the same output name; restore them into separate folders")
+    existing = [d for d in dests if d.exists()]
+    if existing and not overwrite:
+        raise ValueError(f"{existing[0]} already exists ({len(existing)} of the outputs do); pass --overwrite "
+                         f"to replace them")
     return dests
 
 
@@ -160,7 +170,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tile-batch", type=int, default=4, help="tiles per expert call (default 4)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     p.add_argument("--explain", action="store_true", help="print each image's level, node and probabilities")
-    p.add_argument("--max-pixels", type=int, default=None, help="refuse larger images (default 50M)")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="refuse larger images, from the header before decoding (default 50M; may exceed Pillow's cap)")
+    p.add_argument("--overwrite", action="store_true", help="replace outputs that already exist")
+    p.add_argument("--allow-skipped", action="store_true",
+                   help="exit 0 even if some images could not be read (default: exit 1 and name the count)")
     p.set_defaults(func=run)
 
 
@@ -185,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
     state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
     try:
         files = list_inputs(args.input)
-        dests = check_outputs(files, args.input, args.output)
+        dests = check_outputs(files, args.input, args.output, args.overwrite)
         if not files:
             raise ValueError(f"--input {args.input}: the folder has no files")
         model = load_model(args.weights, state.device)
@@ -197,6 +211,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     args.output.mkdir(parents=True, exist_ok=True)
     restored = 0
+    # a write refused here (a symlink planted after the check) is an error for that image, never a follow
     with state.split_between_processes(list(zip(files, dests))) as mine:
         for src, dest in tqdm(mine, desc="restore", unit="img", disable=not state.is_local_main_process):
             try:
@@ -211,7 +226,11 @@ def run(args: argparse.Namespace) -> int:
             if args.explain:
                 tqdm.write(explain_line(src.name, info))
     total = sum(gather_object([restored]))
+    skipped = len(files) - total
     if state.is_main_process:
         print(f"restored {total} of {len(files)} images into {args.output}")
-    return 0 if total else 1
+        if skipped:
+            print(f"error: {skipped} of {len(files)} images were skipped (see above)"
+                  + ("" if args.allow_skipped else "; pass --allow-skipped to accept that"), file=sys.stderr)
+    return 0 if total and (not skipped or args.allow_skipped) else 1
 

@@ -1,0 +1,190 @@
+"""What a weights bundle may contain, checked before any of it reaches a constructor or a tensor copy.
+
+bundle.json is user-supplied data: its kwargs would otherwise go straight into timm and the model
+constructors (an `hf-hub:` backbone makes timm reach for the network; an unknown key is a TypeError
+traceback). The schema: the top-level keys below; for the extractor, the router and each expert, the
+keyword parameters of the constructor that rebuilds it (names, annotated types, required ones), with
+plain JSON values of bounded size, and a backbone that is a timm model name known locally. Free-form
+content is accepted only where named (`FREE_FORM`), and the extractor's optional `families` list.
+
+weights.safetensors must hold exactly the tensors the rebuilt modules expect, with their shapes, all
+finite: a missing, extra, misshapen or NaN/Inf tensor is refused with one line naming it.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import inspect
+import json
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import Tensor
+
+BUNDLE_FORMAT = "unirestorer-bundle/1"
+REQUIRED = ("format", "extractor", "router", "experts", "tree")
+FREE_FORM = ("source", "training_config")  # provenance written by export; never passed to a constructor
+EXTRACTOR_EXTRAS = {"families": list[str]}  # optional keys the extractor config may carry beyond its kwargs
+TREE_KEYS = {"level_sizes": list[int], "parents": list[int], "counts": list[int], "task_names": list[str],
+             "task_counts": list[list[int]]}
+MAX_INT = 1 << 20  # a width, depth or count beyond this is not a model this project builds
+MAX_LIST = 1 << 16
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be loaded; the message names the file and the field."""
+
+
+def _type_ok(value: Any, typ: Any) -> bool:
+    """Is the JSON value `value` an instance of the annotation `typ` (bounded ints, lists, strings)?"""
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if typ is Any or typ is inspect.Parameter.empty:
+        return isinstance(value, (int, float, str, bool)) or value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in args)
+    if typ is type(None):
+        return value is None
+    if origin in (list, tuple, collections.abc.Sequence) or typ in (list, tuple):
+        if not isinstance(value, list) or len(value) > MAX_LIST:
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(_type_ok(v, a) for v, a in zip(value, args))
+        return all(_type_ok(v, args[0] if args else Any) for v in value)
+    if typ is bool:
+        return isinstance(value, bool)
+    if typ is int:
+        return isinstance(value, int) and not isinstance(value, bool) and abs(value) <= MAX_INT
+    if typ is float:
+        return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                and abs(value) <= MAX_INT)
+    if typ is str:
+        return isinstance(value, str) and len(value) <= 256
+    return False
+
+
+def constructor_fields(build: Callable[..., Any]) -> tuple[dict[str, Any], list[str]]:
+    """Keyword parameters of `build` (a class or function) -> ({name: annotation}, required names)."""
+    target = build.__init__ if inspect.isclass(build) else build
+    hints = typing.get_type_hints(target)
+    params = {n: p for n, p in inspect.signature(build).parameters.items()
+              if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n not in ("self", "in_chans")}
+    return {n: hints.get(n, p.annotation) for n, p in params.items()}, [
+        n for n, p in params.items() if p.default is p.empty]
+
+
+def check_fields(obj: Any, allowed: Mapping[str, Any], required: list[str], where: str) -> None:
+    """`obj` must be a JSON object with only `allowed` keys, all `required` ones, each of its type."""
+    if not isinstance(obj, dict):
+        raise BundleError(f"{where}: expected an object, got {type(obj).__name__}")
+    unknown = sorted(set(obj) - set(allowed))
+    if unknown:
+        raise BundleError(f"{where}: unknown key {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
+    missing = [n for n in required if n not in obj]
+    if missing:
+        raise BundleError(f"{where}: required key {missing[0]!r} is missing")
+    for name, value in obj.items():
+        if not _type_ok(value, allowed[name]):
+            shown = str(allowed[name]).replace("typing.", "") if typing.get_args(allowed[name]) else getattr(
+                allowed[name], "__name__", str(allowed[name]))
+            raise BundleError(f"{where}.{name}: {json.dumps(value)[:80]} is not a valid {shown}")
+
+
+def check_kwargs(kwargs: Any, build: Callable[..., Any], where: str, extras: Mapping[str, Any] = {}) -> None:
+    """`kwargs` must be a JSON object of `build`'s keyword parameters (plus `extras`), of their types."""
+    allowed, required = constructor_fields(build)
+    check_fields(kwargs, allowed | dict(extras), required, where)
+
+
+def check_backbone(name: str, where: str) -> None:
+    """A timm architecture name of this install: no `hf-hub:` / `timm/` / URL / pretrained tag lookups."""
+    import timm
+
+    if ":" in name or "/" in name or not timm.is_model(name):
+        raise BundleError(f"{where}: {name!r} is not a timm architecture name known to this install "
+                          f"(hub, URL and pretrained-tag names are refused: a bundle never downloads)")
+
+
+def check_config(config: Any, source: str, build_extractor: Callable[..., Any] | None = None) -> None:
+    """Raise BundleError (one line naming `source` and the field) unless `config` fits the schema;
+    the extractor's keys are those of `build_extractor` (default: DegradationExtractor)."""
+    from .experts import ARCHITECTURES, EXPERTS
+    from .extractor import DegradationExtractor
+    from .router import Router
+
+    if not isinstance(config, dict):
+        raise BundleError(f"{source}: expected a JSON object at the top level")
+    unknown = sorted(set(config) - set(REQUIRED) - set(FREE_FORM))
+    if unknown:
+        raise BundleError(f"{source}: unknown key {unknown[0]!r}; allowed: {', '.join(REQUIRED + FREE_FORM)}")
+    missing = [k for k in REQUIRED if k not in config]
+    if missing:
+        raise BundleError(f"{source}: required key {missing[0]!r} is missing")
+    if config["format"] != BUNDLE_FORMAT:
+        raise BundleError(f"{source}: format {config['format']!r}, expected {BUNDLE_FORMAT!r}")
+    for key in FREE_FORM:
+        if key in config and not isinstance(config[key], dict):
+            raise BundleError(f"{source}: {key} must be an object")
+    check_kwargs(config["extractor"], build_extractor or DegradationExtractor, f"{source}: extractor", EXTRACTOR_EXTRAS)
+    if "backbone" in config["extractor"]:
+        check_backbone(config["extractor"]["backbone"], f"{source}: extractor.backbone")
+    check_kwargs(config["router"], Router, f"{source}: router")
+    tree = config["tree"]
+    check_fields(tree, TREE_KEYS, list(TREE_KEYS), f"{source}: tree")
+    n_nodes = sum(tree["level_sizes"])
+    experts = config["experts"]
+    if not isinstance(experts, dict) or sorted(experts) != sorted(str(n) for n in range(n_nodes)):
+        got = sorted(experts)[:8] if isinstance(experts, dict) else type(experts).__name__
+        raise BundleError(f"{source}: experts must have one entry per tree node '0'..'{n_nodes - 1}', got {got}")
+    for node, spec in experts.items():
+        where = f"{source}: experts.{node}"
+        if not isinstance(spec, dict):
+            raise BundleError(f"{where}: expected an object, got {type(spec).__name__}")
+        name, preset = spec.get("name"), spec.get("preset", "tiny")
+        if name not in ARCHITECTURES:
+            raise BundleError(f"{where}.name: {name!r} is not one of {sorted(ARCHITECTURES)}")
+        if preset not in EXPERTS[name]:
+            raise BundleError(f"{where}.preset: {preset!r} is not one of {sorted(EXPERTS[name])}")
+        overrides = {k: v for k, v in spec.items() if k not in ("name", "preset")}
+        check_kwargs(overrides, ARCHITECTURES[name], where)
+
+
+def read_config(path: Path, build_extractor: Callable[..., Any] | None = None) -> dict:
+    """bundle.json, parsed and checked."""
+    try:
+        config = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BundleError(f"{path}: not valid JSON ({err})") from None
+    check_config(config, str(path), build_extractor)
+    return config
+
+
+def read_tensors(path: Path, device: str | torch.device) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise BundleError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err})") from None
+
+
+def check_tensors(tensors: Mapping[str, Tensor], expected: Mapping[str, torch.Size], source: str) -> None:
+    """Exactly the expected tensor names, with the expected shapes, every floating value finite."""
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise BundleError(f"{source}: tensor {missing[0]!r} is missing ({len(missing)} missing)")
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise BundleError(f"{source}: unexpected tensor {extra[0]!r} ({len(extra)} not used by the model)")
+    for name in sorted(expected):
+        t = tensors[name]
+        if tuple(t.shape) != tuple(expected[name]):
+            raise BundleError(f"{source}: tensor {name!r} has shape {tuple(t.shape)}, the model expects "
+                              f"{tuple(expected[name])}")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise BundleError(f"{source}: tensor {name!r} holds NaN/Inf values; refusing a model that would "
+                              f"restore garbage")
