@@ -114,6 +114,9 @@ class Restormer(nn.Module):
         self.dec1 = _stage(d[1], blocks[0], heads[0], ffn_expansion, bias)
         self.refinement = _stage(d[1], refinement_blocks, heads[0], ffn_expansion, bias)
         self.output = nn.Conv2d(d[1], in_chans, 3, padding=1, bias=bias)
+        nn.init.zeros_(self.output.weight)  # start as the identity, as NAFNet does (model/nafnet.py)
+        if bias:
+            nn.init.zeros_(self.output.bias)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         h, w = image.shape[-2:]

@@ -160,7 +160,7 @@ def test_classical_row_is_the_library_called_directly(tiny_bundle, clean_dir, mo
     records, _ = evaluate(model, samples, progress=False, set_task="noise")
     for s, r in zip(samples, records):
         ref = np.clip(bm3d.bm3d_rgb(s.lq, 25 / 255), 0, 1)
-        assert r["classical_psnr"] == pytest.approx(psnr(ref.astype(np.float32), s.gt), abs=1e-4)  # BM3D: float rounding
+        assert r["classical_psnr"] == pytest.approx(psnr(ref.astype(np.float32), s.gt), abs=0.01)  # BM3D varies ~1e-4 dB run to run
         assert r["classical_psnr"] > r["input_psnr"] + 3  # it really denoises
     records, _ = evaluate(model, samples[:1], progress=False, set_task="noise", denoiser="nlmeans")
     s = samples[0]

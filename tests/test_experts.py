@@ -77,11 +77,19 @@ def test_shape_preserved_for_any_size(name: str, preset: str, size: tuple[int, i
 
 
 @pytest.mark.parametrize("name,preset", CASES)
+def test_an_untrained_expert_is_the_identity(name: str, preset: str) -> None:
+    """Residual experts start as the identity (zero output conv): training improves on the input."""
+    x = torch.rand(2, 3, 24, 20)
+    with torch.no_grad():
+        assert torch.equal(create_expert(name, preset)(x), x)
+
+
+@pytest.mark.parametrize("name,preset", CASES)
 def test_gradient_reaches_every_parameter(name: str, preset: str) -> None:
     torch.manual_seed(0)
     expert = create_expert(name, preset)
-    for name_, p in expert.named_parameters():  # NAFNet's zero-init gains would block the branches' gradients
-        if name_.endswith(("beta", "gamma")):
+    for name_, p in expert.named_parameters():  # zero-init gains and output convs would block the gradients
+        if name_.endswith(("beta", "gamma")) or name_.startswith(("ending.", "output.")):
             torch.nn.init.normal_(p, std=0.05)
     x = torch.rand(1, 3, 24, 20)
     (expert(x) - x.flip(-1)).abs().mean().backward()
@@ -120,6 +128,9 @@ def perturb_lora(expert: torch.nn.Module, seed: int = 1) -> None:
 def test_lora_freezes_base_and_starts_equal(name: str) -> None:
     torch.manual_seed(0)
     base = create_expert(name, "tiny").eval()
+    for p in base.parameters():  # a trained base, not the identity an untrained expert is
+        if p.ndim > 1:
+            torch.nn.init.normal_(p, std=0.05)
     x = torch.rand(1, 3, 19, 23)
     with torch.no_grad():
         ref = base(x)
