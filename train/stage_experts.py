@@ -45,14 +45,16 @@ from unirestorer.train.tree_stage import (TreeModule, all_sum, check_placement, 
 
 
 class LevelLR:
-    """LR factor of a level: its warmup + schedule from `start` until `end`, then 0 (the level is done).
-    Plain numbers only: LambdaLR saves a callable object's attributes in the checkpoint."""
+    """LR factor of a level: its warmup + schedule from `start` until `end`; a level that ends before the run
+    does gets 0 from there on (it is done). Plain numbers only: LambdaLR saves a callable object's
+    attributes in the checkpoint."""
 
-    def __init__(self, start: int, warmup: int, end: int, floor: float, schedule: str) -> None:
+    def __init__(self, start: int, warmup: int, end: int, floor: float, schedule: str, stops: bool) -> None:
         self.start, self.warmup, self.end, self.floor, self.schedule = start, warmup, end, floor, schedule
+        self.stops = stops
 
     def __call__(self, step: int) -> float:
-        if step >= self.end:
+        if self.stops and step >= self.end:
             return 0.0
         return lr_lambda(self.start, self.warmup, self.end, self.floor, self.schedule)(step)
 
@@ -120,8 +122,8 @@ class ExpertsStage:
         self.micro_batch = ds["train_micro_batch_size_per_gpu"]
         groups = self.param_groups(module)
         floor = t.min_lr / t.lr if t.lr > 0 else 0.0
-        lambdas = [LevelLR(self.starts[g["level"]], t.warmup_steps, self.ends[g["level"]], floor, t.schedule)
-                   for g in groups]
+        lambdas = [LevelLR(self.starts[g["level"]], t.warmup_steps, self.ends[g["level"]], floor, t.schedule,
+                           self.ends[g["level"]] < t.max_steps) for g in groups]
         optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
         self.engine, *_ = deepspeed.initialize(
             model=module, optimizer=optimizer, config=ds,

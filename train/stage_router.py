@@ -98,6 +98,8 @@ class RouterStage:
         router = Router.from_tree(self.tree, dg_weight=t.dg_weight, aux_weight=t.aux_weight,
                                   leaf_ce_weight=t.leaf_ce_weight, level_ce_weight=t.level_ce_weight)
         self.supervised = t.level_ce_weight > 0
+        if self.device.type == "cuda" and dist_info.world_size > 1:  # heads' BatchNorm over the global batch
+            router = torch.nn.SyncBatchNorm.convert_sync_batchnorm(router)  # (no CPU kernel: per rank there)
         module = TreeModule(extractor, tree_moe, router).to(self.device)
         ds = build_ds_config(cfg, self.device.type)
         self.autocast = bool(ds["bf16"].get("enabled")) and self.device.type == "cuda"

@@ -66,12 +66,12 @@ class Sizes:
     log_every: int
 
 
-FULL = Sizes(train_photos=300, val_photos=20, test_photos=12, per_image=2, stored=96, patch=64, eval_crop=128,
-             eval_per_photo=1,
+FULL = Sizes(train_photos=300, val_photos=20, test_photos=12, per_image=4, stored=128, patch=64, eval_crop=128,
+             eval_per_photo=2,
              shard_size=256, cluster_samples=1500,
              micro_batch={"extractor": 16, "cluster": 32, "experts": 8, "router": 8},
-             steps={"extractor": 1500, "experts": 900, "router": 150},
-             lr={"extractor": 3e-3, "experts": 1e-3, "router": 1e-3}, log_every=50)  # fmt: skip
+             steps={"extractor": 2000, "experts": 900, "router": 300},
+             lr={"extractor": 3e-3, "experts": 1e-3, "router": 2e-3}, log_every=50)  # fmt: skip
 QUICK = Sizes(train_photos=5, val_photos=1, test_photos=2, per_image=2, stored=64, patch=64, eval_crop=64,
               eval_per_photo=1,
               shard_size=64, cluster_samples=80,
@@ -220,6 +220,7 @@ def stage_configs(out: Path, shards: list[str], val: list[str], sizes: Sizes, sc
 
     configs = {"extractor": stage("extractor", None), "cluster": stage("cluster", "extractor"),
                "experts": stage("experts", "extractor"), "router": stage("router", "experts")}
+    configs["extractor"]["train"]["warmup_steps"] = min(100, steps["extractor"] // 10)
     # the experts: the root alone for the first third, then each level from its parent, one level at a time
     e = steps["experts"]
     configs["experts"]["train"] |= {"level_start_steps": [0, e // 3, 2 * e // 3],
