@@ -26,7 +26,7 @@ from .dispatch import all_to_all_v, exchange_counts
 from .placement import LevelPlacement, Placement, plan_placement
 
 ExpertFactory = Callable[[int], nn.Module]
-IDLE_PROBE = 16  # side of the blank image an expert without images runs on (any size the experts accept)
+IDLE_PROBE = 16  # side of the blank image an idle expert runs on, unless it has a `multiple` (its smallest input)
 
 
 class IdleSlot(nn.Module):
@@ -194,7 +194,8 @@ class TreeMoE(nn.Module):
                 # An expert without images still runs (one blank probe, weight 0) so that it gets zero
                 # gradients through the same graph as a real step: ZeRO/DDP hooks fire in the same
                 # order on every rank and never wait. (Empty batches trip PixelShuffle's backward.)
-                idle.append(module(received.new_zeros((1, row_shape[0], IDLE_PROBE, IDLE_PROBE))).sum())
+                side = getattr(module, "multiple", IDLE_PROBE)  # the smallest input: the cheapest probe
+                idle.append(module(received.new_zeros((1, row_shape[0], side, side))).sum())
         # With no rows here the result must still hang off `received`: the backward exchange of every
         # rank has to run, or the ranks that did get rows wait forever.
         result = torch.cat(outs)[_inverse(by_module)] if outs else 0.0 * received

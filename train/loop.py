@@ -3,9 +3,12 @@
 Per step, on every rank, in this order:
 
     batch (from the stream of segment step // ckpt.every)  ->  loss, metrics = stage.forward(batch, step)
-    -> all-reduce "loss is finite" (MIN): all ranks agree  ->  backward + step, or skip the step everywhere
-    -> preemption flag (all-reduced)  ->  logs / validation  ->  checkpoint at ckpt.every, at the end, or
-       when preempted
+    -> one all-reduce (MAX) of ["loss is not finite", "preemption signal"]: all ranks agree  ->  backward
+       + step, or skip the step everywhere  ->  logs / validation  ->  checkpoint at ckpt.every, at the
+       end, or when preempted
+
+That all-reduce and its read are the only host sync of a step: the loss and the stage's metrics are read
+at `log.every` steps only.
 
 Seeds: every rank seeds from `train.seed` (rank 0's stream) while the stage builds its modules, so the
 initial weights are the same everywhere, then from `train.seed + rank` for training.
@@ -27,6 +30,7 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
+from unirestorer import cuda_setup
 from unirestorer.launch.env import DistInfo
 from unirestorer.train import checkpoint as ckpt
 from unirestorer.train.config import ConfigError, RunConfig
@@ -50,6 +54,14 @@ def mean_over_ranks(values: dict[str, float], info: DistInfo) -> dict[str, float
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=info.device)
     all_reduce(t)
     return dict(zip(keys, (t / info.world_size).tolist()))
+
+
+def step_flags(loss: torch.Tensor, handler: PreemptionHandler, info: DistInfo) -> tuple[bool, bool]:
+    """(the loss is finite on every rank, some rank got a preemption signal): one all-reduce, one read."""
+    flags = torch.stack([(~torch.isfinite(loss.detach()).all()).to(device=info.device, dtype=torch.int32),
+                         torch.tensor(int(handler.received is not None), dtype=torch.int32, device=info.device)])
+    bad, stop = all_reduce(flags, dist.ReduceOp.MAX).tolist()
+    return not bad, bool(stop)
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -127,6 +139,7 @@ def run(stage: Stage, cfg: RunConfig, info: DistInfo) -> int:
     if rank == 0:
         print(f"[config] stage {stage.name}, {world} ranks, device {info.device}\n{cfg.pretty()}", flush=True)
     handler = PreemptionHandler().install()
+    cuda_setup.configure(info.device)
     seed_everything(cfg.train.seed, 0)
     engine = stage.build(cfg, info)
     check_config(cfg, engine)
@@ -159,8 +172,8 @@ def run(stage: Stage, cfg: RunConfig, info: DistInfo) -> int:
             step += 1
             if step in cfg.train.debug_nan_steps and rank == world - 1:  # test hook
                 loss = loss * float("nan")
-            finite = torch.isfinite(loss.detach()).all().to(device=info.device, dtype=torch.int32).reshape(1)
-            if all_reduce(finite, dist.ReduceOp.MIN).item():
+            finite, stop = step_flags(loss, handler, info)
+            if finite:
                 engine.backward(loss)
                 engine.step()
                 bad_in_row = 0
@@ -170,10 +183,9 @@ def run(stage: Stage, cfg: RunConfig, info: DistInfo) -> int:
                              f"({bad_in_row} in a row, {bad_total} in total)")
             steps_since += 1
             time.sleep(cfg.train.debug_step_sleep)
-            stop = handler.should_stop()
             if step % cfg.log.every == 0 or step == max_steps:
                 now = time.perf_counter()
-                values = mean_over_ranks({"loss": loss.item(), **metrics}, info)
+                values = mean_over_ranks({"loss": loss.item(), **(metrics() if callable(metrics) else metrics)}, info)
                 values.update({f"lr{i}" if i else "lr": lr for i, lr in enumerate(engine.get_lr())},
                               images_per_s=per_step * steps_since / max(now - t_last, 1e-9), bad_steps=bad_total)
                 monitor.scalars(step, values)

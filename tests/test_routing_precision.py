@@ -1,0 +1,51 @@
+"""Routing runs in fp32 whatever the autocast state (bf16 picks other tree nodes): tree paths and extractor
+embeddings under CPU bf16 autocast equal the fp32 ones, and a bf16-cast extractor is refused."""
+
+import pytest
+import torch
+
+from unirestorer.model.extractor import DegradationExtractor
+from unirestorer.model.tree import DegradationTree, sq_dists
+
+
+def crowded_tree() -> tuple[DegradationTree, torch.Tensor]:
+    """Many leaves among dense points: nearest and second-nearest centroids lie close, as in a real tree."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1500, 64, generator=g) + 3.0
+    return DegradationTree.fit(x, k=[1, 4, 16], seed=0), torch.randn(600, 64, generator=g) + 3.0
+
+
+def test_tree_path_ignores_bf16_autocast():
+    tree, queries = crowded_tree()
+    reference = tree.path(queries)
+    with torch.autocast("cpu", torch.bfloat16):
+        leaves = tree.centroids[tree.leaf_ids]
+        naive = sq_dists(queries - 3.0, (queries - 3.0).pow(2).sum(1), leaves - 3.0).argmin(1)
+        routed = tree.path(queries)
+    assert torch.equal(routed, reference)
+    # the case is sensitive: the same expansion under autocast (bf16 matmul) picks other leaves
+    exact = sq_dists(queries - 3.0, (queries - 3.0).pow(2).sum(1), leaves - 3.0).argmin(1)
+    assert (naive != exact).any()
+    assert torch.equal(tree.path(queries, check=False), reference)
+
+
+def test_unchecked_path_gives_valid_ids_for_non_finite_rows():
+    tree, queries = crowded_tree()
+    queries[3] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        tree.path(queries)
+    paths = tree.path(queries, check=False)
+    assert paths.shape == (600, 3) and int(paths.min()) >= 0 and int(paths.max()) < tree.n_nodes
+
+
+def test_extractor_embed_ignores_bf16_autocast_and_refuses_bf16_weights():
+    torch.manual_seed(0)
+    model = DegradationExtractor(backbone="test_resnet", embed_dim=32, proj_dim=16, crop=32, max_crops=4).eval()
+    images = torch.rand(2, 3, 48, 64)
+    reference = model.embed(images)
+    with torch.autocast("cpu", torch.bfloat16):
+        assert model(images).embedding.dtype == torch.bfloat16  # autocast is on for the plain forward
+        embedded = model.embed(images)
+    assert embedded.dtype == torch.float32 and torch.equal(embedded, reference)
+    with pytest.raises(ValueError, match=r"weights are torch.bfloat16: routing needs them in fp32"):
+        model.bfloat16().embed(images)
