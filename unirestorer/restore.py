@@ -100,7 +100,7 @@ def run_expert(model, node: int, x: Tensor, tile: int, overlap: int, batch: int 
     expert = model.expert(node)
     with torch.inference_mode(), torch.autocast(x.device.type, torch.bfloat16, enabled=bf16):
         out = tiled(expert, x, tile, overlap, batch, getattr(expert, "multiple", 1))
-    return out.float().clamp_(0, 1)
+        return out.float().clamp_(0, 1)
 
 
 def restore_tensor(model, x: Tensor, task: str | None = None, tile: int = DEFAULT_TILE,
