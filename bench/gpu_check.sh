@@ -8,8 +8,11 @@
 # The GPU image has torch, timm, accelerate, einops, tensorboard, safetensors, scikit-image, opencv and
 # pytest but no deepspeed and no webdataset. --prepare-wheels builds them as pure-Python wheels
 #   pip wheel --no-deps --no-build-isolation deepspeed==0.19.8 webdataset==1.0.2 -w wheels/
-# plus their small pure-Python dependencies (hjson, py-cpuinfo, braceexpand); carry wheels/ (git-ignored)
-# with the working tree. DeepSpeed's ops compile at run time; this run needs none (torch's fused AdamW).
+# plus their dependencies an image like that may lack: hjson, py-cpuinfo, braceexpand (pure Python) and
+# pydantic, msgpack, ninja as binary wheels for each Python in GPU_PYTHON_VERSIONS (default 3.10-3.13),
+# about 15 MB; carry wheels/ (git-ignored) with the working tree. On the GPU machine pip installs from
+# wheels/ only what is missing (--no-index --find-links). DeepSpeed's ops compile at run time; this run
+# needs none (torch's fused AdamW).
 # Results: $OUT/gpu_check.json (OUT defaults to runs/gpu_check) and a table printed last.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,7 +31,11 @@ done
 if [ "$mode" = wheels ]; then
   "$PY" -m pip wheel --no-deps --no-build-isolation deepspeed==0.19.8 webdataset==1.0.2 hjson py-cpuinfo \
     braceexpand -w wheels/
-  ls -l wheels/
+  for version in ${GPU_PYTHON_VERSIONS:-3.10 3.11 3.12 3.13}; do
+    "$PY" -m pip download --only-binary=:all: --python-version "$version" --platform manylinux_2_17_x86_64 \
+      --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d wheels/ pydantic msgpack ninja
+  done
+  ls -l wheels/ && du -sh wheels/
   exit 0
 fi
 
@@ -39,7 +46,7 @@ if ! "$PY" -c "import deepspeed, webdataset, unirestorer.train" 2>/dev/null; the
     exit 2
   fi
   echo "[gpu_check] installing the carried wheels and this checkout (no network)"
-  "$PY" -m pip install -q --no-index --no-deps wheels/*.whl
+  "$PY" -m pip install -q --no-index --find-links wheels/ deepspeed==0.19.8 webdataset==1.0.2
   "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e .
   "$PY" -c "import deepspeed, webdataset, unirestorer.train" || {
     echo "error: still not importable after installing wheels/ (a dependency above is missing: add its wheel)" >&2
