@@ -348,10 +348,11 @@ class DegradationTree:
             check_finite(x)
         if x.ndim != 2 or x.shape[1] != self.centroids.shape[1]:
             raise ValueError(f"embeddings shape {tuple(x.shape)}, tree expects [B, {self.centroids.shape[1]}]")
-        origin = self.centroids[0].to(x.device)  # the data mean: centring keeps sq_dists precise
+        centroids = self.centroids.to(x.device, non_blocking=True)  # host to device without a stream sync
+        origin = centroids[0]  # the data mean: centring keeps sq_dists precise
         x = x - origin
         x_sq = x.pow(2).sum(1)
-        cent, parents = self.centroids.to(x.device) - origin, self.parents.to(x.device)
+        cent, parents = centroids - origin, self.parents.to(x.device, non_blocking=True)
         node = torch.zeros(len(x), dtype=torch.long, device=x.device)
         out = [node]
         for l in range(1, self.n_levels):

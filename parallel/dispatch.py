@@ -95,7 +95,7 @@ def exchange_counts(counts: Tensor, row_shape: Sequence[int], group: dist.Proces
     shape = torch.tensor(list(row_shape), dtype=torch.long).expand(peers, -1)
     message = torch.cat([counts.long().cpu(), shape], dim=1)
     if group is not None:
-        message = message.to(_comm_device(group))
+        message = message.to(_comm_device(group), non_blocking=True)  # one stream sync per exchange: the read below
         received = torch.empty_like(message)
         CommTimer.timed(dist.all_to_all_single, received, message, group=group, cuda=message.is_cuda)
         received = received.cpu()

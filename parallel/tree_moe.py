@@ -164,18 +164,19 @@ class TreeMoE(nn.Module):
             rows, token = self._run_exchange(ex, images, source[sel], flat[sel], token)
             pieces.append(rows)
             picked.append(sel)
-        out = torch.cat(pieces)[_inverse(torch.cat(picked)).to(images.device)]
+        out = torch.cat(pieces)[_inverse(torch.cat(picked)).to(images.device, non_blocking=True)]
         return out.view(batch, k, *out.shape[1:])
 
     def _run_exchange(self, ex: _Exchange, images: Tensor, source: Tensor, nodes: Tensor,
                       token: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """Route rows to their experts over one group and back. `token` chains the communicating
-        exchanges so that backward runs their collectives in the same order on every rank."""
+        exchanges so that backward runs their collectives in the same order on every rank. Index tensors
+        go host to device with non_blocking (no stream sync: CUDA stages pageable memory at once)."""
         group, wire = self._group(ex), _wire_dtype(images)
         peers, width = ex.ep_size, len(ex.modules)
         key = self._dest[nodes] * width + self._local[nodes]
         order = torch.argsort(key, stable=True)
-        send = images.index_select(0, source[order].to(images.device)).to(wire)
+        send = images.index_select(0, source[order].to(images.device, non_blocking=True)).to(wire)
         if group is not None and token is not None:
             send = send + 0.0 * token
         counts = torch.bincount(key, minlength=peers * width).view(peers, width)
@@ -184,7 +185,7 @@ class TreeMoE(nn.Module):
 
         # Received rows come grouped by sender, then by local module; regroup by module and run.
         labels = torch.arange(width).repeat(peers).repeat_interleave(recv_counts.flatten())
-        by_module = torch.argsort(labels, stable=True).to(received.device)
+        by_module = torch.argsort(labels, stable=True).to(received.device, non_blocking=True)
         chunks = received[by_module].split(recv_counts.sum(0).tolist())
         outs, idle = [], []
         for module, chunk in zip(ex.modules, chunks):
@@ -204,7 +205,7 @@ class TreeMoE(nn.Module):
         back = all_to_all_v(result, recv_counts.sum(1), counts.sum(1), tuple(images.shape[1:]), group)
         if group is not None and back.requires_grad:
             token = back.sum()
-        return back[_inverse(order).to(back.device)], token
+        return back[_inverse(order).to(back.device, non_blocking=True)], token
 
 
 def moe_param_groups(model: nn.Module, **options: Any) -> list[dict]:

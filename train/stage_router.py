@@ -123,7 +123,7 @@ class RouterStage:
         out = self.experts(lq, nodes)  # [B, 1 (+ n_levels), 3, H, W]
         y = gate(out[:, 0], route.g)
         level_target = best_level((out[:, 1:] - gt[:, None]).abs().flatten(2).mean(2)) if self.supervised else None
-        u = self.tree.centroids.to(e)[paths[:, -1]]
+        u = self.tree.centroids.to(e.device, non_blocking=True)[paths[:, -1]]
         importance = global_sum(route.p_level.sum(0))
         loss, parts = module.router.loss(route, F.l1_loss(y, gt), u, paths[:, -1] - self.tree.level_starts[-1],
                                          level_target, importance)
