@@ -122,7 +122,7 @@ def run_experts(out: Path, plan: Plan, shards: list[str], info, arch: str, batch
 
     s, name = plan.steps, f"experts_{arch}_bs{batch}"
     train = {"level_start_steps": [0, s, s], "level_end_steps": [s, s + 1, 2 * s],
-             "channels_last": info.device.type == "cuda"}
+             "channels_last": True}
     before = release(info.device)
     started = time.perf_counter()
     code = run_stage(stage_experts.make_stage(), from_dict(config(out, plan, shards, name, "experts", 2 * s, batch,

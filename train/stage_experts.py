@@ -45,6 +45,13 @@ from unirestorer.train.tree_stage import (TreeModule, all_sum, check_placement, 
                                           stream_config, validate_psnr)
 
 
+def to_channels_last(module: torch.nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook: the images in channels_last, so the convolutions run in it (TreeMoE's row gathers
+    return contiguous images; the weights cannot be: DeepSpeed's broadcast and ZeRO's flat buffers need them
+    contiguous)."""
+    return (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
+
+
 class LevelLR:
     """LR factor of a level: its warmup + schedule from `start` until `end`, then 0 (the level is done).
     Plain numbers only: LambdaLR saves a callable object's attributes in the checkpoint."""
@@ -116,9 +123,9 @@ class ExpertsStage:
         factory = node_factory(self.spec, t.seed)
         self.extractor_config = extractor.config
         module = TreeModule(extractor, TreeMoE(factory, self.tree.level_sizes, ep)).to(self.device)
-        self.channels_last = t.channels_last
-        if t.channels_last:
-            module.tree_moe.to(memory_format=torch.channels_last)
+        if t.channels_last:  # each expert's input; weights stay contiguous (DeepSpeed views them as bytes)
+            for node in module.tree_moe.local_nodes():
+                module.tree_moe.local_module(node).register_forward_pre_hook(to_channels_last)
         if t.compile_experts:  # in place: parameter names (and checkpoint keys) stay as they are
             for node in module.tree_moe.local_nodes():
                 module.tree_moe.local_module(node).compile()
@@ -205,8 +212,6 @@ class ExpertsStage:
         module = self.engine.module
         param = next(module.tree_moe.parameters())
         lq, gt = batch["lq"].to(param.device, non_blocking=True), batch["gt"].to(param.device, non_blocking=True)
-        if self.channels_last:
-            lq, gt = lq.contiguous(memory_format=torch.channels_last), gt.contiguous(memory_format=torch.channels_last)
         paths = self.tree.path(module.extractor.embed(lq), check=False)  # [B, n_levels], oracle routes, fp32
         levels = [l for l in sorted(self.started) if step < self.ends[l]]
         self.train_only(levels)
