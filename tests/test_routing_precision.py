@@ -49,3 +49,33 @@ def test_extractor_embed_ignores_bf16_autocast_and_refuses_bf16_weights():
     assert embedded.dtype == torch.float32 and torch.equal(embedded, reference)
     with pytest.raises(ValueError, match=r"weights are torch.bfloat16: routing needs them in fp32"):
         model.bfloat16().embed(images)
+
+
+def test_bf16_restore_and_eval_keep_the_fp32_route(tiny_bundle, tmp_path, capsys):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from unirestorer.cli import main
+
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(src / f"{i}.png")
+    routes, images = {}, {}
+    for mode in ("fp32", "bf16"):
+        args = ["restore", "--weights", tiny_bundle, "--input", str(src), "--output", str(tmp_path / mode),
+                "--tile", "0", "--device", "cpu", "--explain"] + (["--bf16"] if mode == "bf16" else [])
+        assert main(args) == 0
+        printed = capsys.readouterr()
+        routes[mode] = sorted(line for line in (printed.out + printed.err).splitlines() if line[:5] in ("0.png", "1.png"))
+        images[mode] = np.stack([np.asarray(Image.open(tmp_path / mode / f"{i}.png"), dtype=int) for i in range(2)])
+    assert len(routes["fp32"]) == 2 and routes["bf16"] == routes["fp32"]  # same level, node, probabilities
+    diff = np.abs(images["bf16"] - images["fp32"])
+    assert diff.any() and diff.max() <= 8  # the experts did run in bf16, close to fp32
+    out = tmp_path / "eval"
+    assert main(["eval", "--weights", tiny_bundle, "--clean", str(src), "--synth", "noise:25", "--device", "cpu",
+                 "--bf16", "--json", "--out", str(out), "--classical", "nlmeans", "--grid", "0"]) == 0
+    assert "(experts in bf16)" in capsys.readouterr().out and json.loads((out / "results.json").read_text())["bf16"]
