@@ -1,6 +1,8 @@
 """Routing runs in fp32 whatever the autocast state (bf16 picks other tree nodes): tree paths and extractor
 embeddings under CPU bf16 autocast equal the fp32 ones, and a bf16-cast extractor is refused."""
 
+import functools
+
 import pytest
 import torch
 
@@ -8,6 +10,7 @@ from unirestorer.model.extractor import DegradationExtractor
 from unirestorer.model.tree import DegradationTree, sq_dists
 
 
+@functools.cache
 def crowded_tree() -> tuple[DegradationTree, torch.Tensor]:
     """Many leaves among dense points: nearest and second-nearest centroids lie close, as in a real tree."""
     g = torch.Generator().manual_seed(0)
@@ -31,6 +34,7 @@ def test_tree_path_ignores_bf16_autocast():
 
 def test_unchecked_path_gives_valid_ids_for_non_finite_rows():
     tree, queries = crowded_tree()
+    queries = queries.clone()
     queries[3] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
         tree.path(queries)
