@@ -59,7 +59,7 @@ def mean_over_ranks(values: dict[str, float], info: DistInfo) -> dict[str, float
 def step_flags(loss: torch.Tensor, handler: PreemptionHandler, info: DistInfo) -> tuple[bool, bool]:
     """(the loss is finite on every rank, some rank got a preemption signal): one all-reduce, one read."""
     flags = torch.stack([(~torch.isfinite(loss.detach()).all()).to(device=info.device, dtype=torch.int32),
-                         torch.tensor(int(handler.received is not None), dtype=torch.int32, device=info.device)])
+                         torch.full((), int(handler.received is not None), dtype=torch.int32, device=info.device)])
     bad, stop = all_reduce(flags, dist.ReduceOp.MAX).tolist()
     return not bad, bool(stop)
 
