@@ -70,7 +70,7 @@ class ExtractorStage:
 
     def _input(self, batch: dict) -> torch.Tensor:
         dtype = next(self.engine.module.parameters()).dtype
-        return batch["lq"].to(self.info.device, dtype)
+        return batch["lq"].to(self.info.device, dtype, non_blocking=True)
 
     def forward(self, batch: dict, step: int) -> tuple[torch.Tensor, Metrics]:
         out = self.engine(self._input(batch))
