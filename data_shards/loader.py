@@ -41,7 +41,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlparse
@@ -81,7 +81,8 @@ class StreamConfig:
     online: bool = False  # re-degrade gt with fresh parameters instead of the stored lq
     online_tasks: tuple[str, ...] = ()  # online: tasks drawn uniformly per sample; () = each sample's own task
     online_sigmas: tuple[float, ...] = ()  # online noise-only path: Gaussian sigma (0..255) from this set
-    pin_memory: bool = False
+    pin_memory: bool = field(default_factory=torch.cuda.is_available)  # page-locked batches: async copies to GPU
+    persistent_workers: bool = True  # workers (and their imports, decoders) live across epochs; same batches
 
     def __post_init__(self) -> None:
         if not self.sources:
@@ -302,16 +303,17 @@ class ShardStream(torch.utils.data.IterableDataset):
             raise ValueError(f"rank {rank} outside world of size {world_size}")
         self.cfg, self.rank, self.world_size, self.restart = cfg, rank, world_size, restart
         self.urls = [expand_source(s) for s in cfg.sources]
-        self.epoch = 0  # set by StreamLoader before workers start
+        self.epoch = 0  # set by StreamLoader before workers start; a persistent worker's copy counts on itself
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
-        cfg = self.cfg
+        cfg, epoch = self.cfg, self.epoch
+        self.epoch += 1  # in a persistent worker this copy lives on: its next __iter__ is the next epoch
         mix_seed, shuffle_seed, sample_seed = np.random.SeedSequence(
-            [cfg.seed, self.rank, worker, self.restart, self.epoch]
+            [cfg.seed, self.rank, worker, self.restart, epoch]
         ).spawn(3)
-        order_seeds = np.random.SeedSequence([cfg.seed, self.restart, self.epoch]).spawn(len(self.urls))
+        order_seeds = np.random.SeedSequence([cfg.seed, self.restart, epoch]).spawn(len(self.urls))
         stream, n_streams = self.rank * n_workers + worker, self.world_size * n_workers
         skips = Skips()
         sets = []
@@ -404,7 +406,7 @@ class StreamLoader:
         self.dataset = ShardStream(cfg, rank, world_size, restart)
         self.loader = wds.WebLoader(
             self.dataset, batch_size=None, collate_fn=_as_is, num_workers=cfg.num_workers,
-            pin_memory=cfg.pin_memory,
+            pin_memory=cfg.pin_memory, persistent_workers=cfg.persistent_workers and cfg.num_workers > 0,
         ).with_epoch(cfg.batches_per_epoch)
         self.batches_per_epoch = cfg.batches_per_epoch
         self.epoch = 0  # next epoch to run; part of every worker's seed

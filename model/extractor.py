@@ -67,14 +67,20 @@ class DegradationExtractor(nn.Module):
         on an even grid over the whole image, about one per crop area and at most `max_crops`: a
         function of the image alone (not of its batch), and it sees all of a small image.
         """
+        dtype = next(self.parameters()).dtype
+        if dtype != torch.float32:
+            raise ValueError(f"the extractor's weights are {dtype}: routing needs them in fp32 (call .float() after "
+                             f"anything that casts the whole model, e.g. DeepSpeed's bf16 mode)")
         was_training = self.training
         self.eval()
+        device = (images if isinstance(images, torch.Tensor) else images[0]).device.type
         try:
-            if isinstance(images, torch.Tensor):
-                if images.dim() != 4 or images.shape[1] != 3:
-                    raise ValueError(f"embed expects B x 3 x H x W images, got shape {tuple(images.shape)}")
-                return self._embed_same_size(images)
-            return torch.cat([self._embed_same_size(img.unsqueeze(0)) for img in images])
+            with torch.autocast(device, enabled=False):  # routing runs in fp32 (bf16 picks other tree nodes)
+                if isinstance(images, torch.Tensor):
+                    if images.dim() != 4 or images.shape[1] != 3:
+                        raise ValueError(f"embed expects B x 3 x H x W images, got shape {tuple(images.shape)}")
+                    return self._embed_same_size(images.float())
+                return torch.cat([self._embed_same_size(img.unsqueeze(0).float()) for img in images])
         finally:
             self.train(was_training)
 

@@ -335,16 +335,26 @@ class DegradationTree:
             raise ValueError(f"node id {node_id} out of range 0..{self.n_nodes - 1}")
 
     # ---- routing ----------------------------------------------------------------------------
-    def path(self, embeddings: Tensor) -> Tensor:
-        """LongTensor[B, n_levels]: nearest centroid at each level among the chosen parent's children."""
-        x = embeddings.detach().float()
-        check_finite(x)
+    def path(self, embeddings: Tensor, check: bool = True) -> Tensor:
+        """LongTensor[B, n_levels]: nearest centroid at each level among the chosen parent's children.
+
+        Always in fp32, whatever the autocast state: in bf16 the |x|² − 2x·c + |c|² expansion picks wrong
+        leaves. `check=False` skips the non-finite check, a host sync; a non-finite row then still gets
+        valid node ids (training stages pass it: such an image also gives a non-finite loss, which the
+        spine skips)."""
+        with torch.autocast(embeddings.device.type, enabled=False):
+            return self._path(embeddings.detach().float(), check)
+
+    def _path(self, x: Tensor, check: bool) -> Tensor:
+        if check:
+            check_finite(x)
         if x.ndim != 2 or x.shape[1] != self.centroids.shape[1]:
             raise ValueError(f"embeddings shape {tuple(x.shape)}, tree expects [B, {self.centroids.shape[1]}]")
-        origin = self.centroids[0].to(x.device)  # the data mean: centring keeps sq_dists precise
+        centroids = self.centroids.to(x.device, non_blocking=True)  # host to device without a stream sync
+        origin = centroids[0]  # the data mean: centring keeps sq_dists precise
         x = x - origin
         x_sq = x.pow(2).sum(1)
-        cent, parents = self.centroids.to(x.device) - origin, self.parents.to(x.device)
+        cent, parents = centroids - origin, self.parents.to(x.device, non_blocking=True)
         node = torch.zeros(len(x), dtype=torch.long, device=x.device)
         out = [node]
         for l in range(1, self.n_levels):

@@ -17,19 +17,39 @@ from torch import Tensor
 
 
 class CommTimer:
-    """Wall time spent inside the exchanges of this module, for benchmarks (off by default)."""
+    """Time spent inside the exchanges of this module, for benchmarks and the experts stage's log (off by
+    default). Gloo calls block, so the host clock times them (`seconds`). NCCL calls only enqueue work, so on
+    CUDA a pair of events on the current stream brackets each call (the stream waits for the collective's
+    end before its next kernel); `take()` reads them, a sync, so call it at log steps only."""
 
     enabled = False
     seconds = 0.0
+    _events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
     @classmethod
-    def timed(cls, fn, *args, **kwargs):
+    def timed(cls, fn, *args, cuda: bool = False, **kwargs):
         if not cls.enabled:
             return fn(*args, **kwargs)
-        start = time.perf_counter()
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = fn(*args, **kwargs)
+            end.record()
+            cls._events.append((start, end))
+            return out
+        start_s = time.perf_counter()
         out = fn(*args, **kwargs)
-        cls.seconds += time.perf_counter() - start
+        cls.seconds += time.perf_counter() - start_s
         return out
+
+    @classmethod
+    def take(cls) -> float:
+        """Seconds spent in exchanges since the last `take` (host-timed plus CUDA-event-timed), then reset."""
+        if cls._events:
+            cls._events[-1][1].synchronize()
+        total = cls.seconds + sum(start.elapsed_time(end) for start, end in cls._events) / 1e3
+        cls.seconds, cls._events = 0.0, []
+        return total
 
 
 class _AllToAllV(torch.autograd.Function):
@@ -40,7 +60,8 @@ class _AllToAllV(torch.autograd.Function):
                 recv_shape: tuple[int, ...], group: dist.ProcessGroup) -> Tensor:
         ctx.splits, ctx.shape, ctx.group = (send_splits, recv_splits), tuple(rows.shape[1:]), group
         out = rows.new_empty((sum(recv_splits), *recv_shape))
-        CommTimer.timed(dist.all_to_all_single, out, rows.contiguous(), recv_splits, send_splits, group=group)
+        CommTimer.timed(dist.all_to_all_single, out, rows.contiguous(), recv_splits, send_splits, group=group,
+                        cuda=out.is_cuda)
         return out
 
     @staticmethod
@@ -74,9 +95,9 @@ def exchange_counts(counts: Tensor, row_shape: Sequence[int], group: dist.Proces
     shape = torch.tensor(list(row_shape), dtype=torch.long).expand(peers, -1)
     message = torch.cat([counts.long().cpu(), shape], dim=1)
     if group is not None:
-        message = message.to(_comm_device(group))
+        message = message.to(_comm_device(group), non_blocking=True)  # one stream sync per exchange: the read below
         received = torch.empty_like(message)
-        CommTimer.timed(dist.all_to_all_single, received, message, group=group)
+        CommTimer.timed(dist.all_to_all_single, received, message, group=group, cuda=message.is_cuda)
         received = received.cpu()
     else:
         received = message

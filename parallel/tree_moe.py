@@ -26,7 +26,7 @@ from .dispatch import all_to_all_v, exchange_counts
 from .placement import LevelPlacement, Placement, plan_placement
 
 ExpertFactory = Callable[[int], nn.Module]
-IDLE_PROBE = 16  # side of the blank image an expert without images runs on (any size the experts accept)
+IDLE_PROBE = 16  # side of the blank image an idle expert runs on, unless it has a `multiple` (its smallest input)
 
 
 class IdleSlot(nn.Module):
@@ -164,18 +164,19 @@ class TreeMoE(nn.Module):
             rows, token = self._run_exchange(ex, images, source[sel], flat[sel], token)
             pieces.append(rows)
             picked.append(sel)
-        out = torch.cat(pieces)[_inverse(torch.cat(picked)).to(images.device)]
+        out = torch.cat(pieces)[_inverse(torch.cat(picked)).to(images.device, non_blocking=True)]
         return out.view(batch, k, *out.shape[1:])
 
     def _run_exchange(self, ex: _Exchange, images: Tensor, source: Tensor, nodes: Tensor,
                       token: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """Route rows to their experts over one group and back. `token` chains the communicating
-        exchanges so that backward runs their collectives in the same order on every rank."""
+        exchanges so that backward runs their collectives in the same order on every rank. Index tensors
+        go host to device with non_blocking (no stream sync: CUDA stages pageable memory at once)."""
         group, wire = self._group(ex), _wire_dtype(images)
         peers, width = ex.ep_size, len(ex.modules)
         key = self._dest[nodes] * width + self._local[nodes]
         order = torch.argsort(key, stable=True)
-        send = images.index_select(0, source[order].to(images.device)).to(wire)
+        send = images.index_select(0, source[order].to(images.device, non_blocking=True)).to(wire)
         if group is not None and token is not None:
             send = send + 0.0 * token
         counts = torch.bincount(key, minlength=peers * width).view(peers, width)
@@ -184,7 +185,7 @@ class TreeMoE(nn.Module):
 
         # Received rows come grouped by sender, then by local module; regroup by module and run.
         labels = torch.arange(width).repeat(peers).repeat_interleave(recv_counts.flatten())
-        by_module = torch.argsort(labels, stable=True).to(received.device)
+        by_module = torch.argsort(labels, stable=True).to(received.device, non_blocking=True)
         chunks = received[by_module].split(recv_counts.sum(0).tolist())
         outs, idle = [], []
         for module, chunk in zip(ex.modules, chunks):
@@ -194,7 +195,8 @@ class TreeMoE(nn.Module):
                 # An expert without images still runs (one blank probe, weight 0) so that it gets zero
                 # gradients through the same graph as a real step: ZeRO/DDP hooks fire in the same
                 # order on every rank and never wait. (Empty batches trip PixelShuffle's backward.)
-                idle.append(module(received.new_zeros((1, row_shape[0], IDLE_PROBE, IDLE_PROBE))).sum())
+                side = getattr(module, "multiple", IDLE_PROBE)  # the smallest input: the cheapest probe
+                idle.append(module(received.new_zeros((1, row_shape[0], side, side))).sum())
         # With no rows here the result must still hang off `received`: the backward exchange of every
         # rank has to run, or the ranks that did get rows wait forever.
         result = torch.cat(outs)[_inverse(by_module)] if outs else 0.0 * received
@@ -203,7 +205,7 @@ class TreeMoE(nn.Module):
         back = all_to_all_v(result, recv_counts.sum(1), counts.sum(1), tuple(images.shape[1:]), group)
         if group is not None and back.requires_grad:
             token = back.sum()
-        return back[_inverse(order).to(back.device)], token
+        return back[_inverse(order).to(back.device, non_blocking=True)], token
 
 
 def moe_param_groups(model: nn.Module, **options: Any) -> list[dict]:

@@ -224,6 +224,17 @@ def test_stream_is_a_function_of_seed_rank_restart_epoch(tmp_path):
     assert any(not torch.equal(x["gt"], y["gt"]) for x, y in zip(two[:5], two[5:]))
 
 
+def test_persistent_workers_give_the_same_epochs(tmp_path):
+    """Workers kept across epochs (the default) count epochs on their own copy: the same batches as fresh ones."""
+    spec, _ = write_set(tmp_path, "d", [5, 4, 6])
+    kept, fresh = (make_loader(cfg([spec], persistent_workers=p), rank=1, world_size=2) for p in (True, False))
+    assert kept.loader.pipeline[0].persistent_workers and not fresh.loader.pipeline[0].persistent_workers
+    a, b = take(kept, epochs=3), take(fresh, epochs=3)
+    assert len(a) == len(b) == 15
+    assert all(x["key"] == y["key"] and torch.equal(x["lq"], y["lq"]) for x, y in zip(a, b))
+    assert any(x["key"] != y["key"] for x, y in zip(a[:5], a[5:10]))  # epochs differ
+
+
 def test_labels_and_pairs_survive_round_trip(tmp_path):
     spec, truth = write_set(tmp_path, "l", [4, 4], task="haze")
     for b in take(make_loader(cfg([spec], augment=False))):

@@ -36,7 +36,7 @@ class DataConfig:
     val_shards: list[str] = field(default_factory=list)
     family_weights: list[float] = field(default_factory=list)  # one per degradation family; [] = equal
     patch_size: int = 128
-    num_workers: int = 2
+    num_workers: int = 6  # per rank; launch/slurm.sbatch reserves 8 CPUs per task (main + 6 workers + spare)
     shuffle_buffer: int = 1000
     batches_per_epoch: int = 1000  # per rank: equal step counts on every rank (webdataset with_epoch)
     balance: bool = True  # experts: mix single-task shard sets so every leaf gets data (see stage_experts)
@@ -98,6 +98,8 @@ class TrainConfig:
     level_end_steps: list[int] = field(default_factory=list)
     # test hook: 1-based steps whose loss the spine replaces by NaN on the last rank (see train/stage.py)
     debug_nan_steps: list[int] = field(default_factory=list)
+    channels_last: bool = False  # experts stage: experts and their images in channels_last (faster bf16 convs on CUDA)
+    compile_experts: bool = False  # experts stage: torch.compile every local expert (the first steps compile)
     debug_step_sleep: float = 0.0  # test hook: seconds each rank sleeps after every step (to kill a run mid-way)
     # global batch that lr and the step counts are written for; 0 = use them as written (train/scaling.py)
     reference_batch: int = 0
@@ -306,7 +308,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 def build_ds_config(cfg: RunConfig, device_type: str) -> dict[str, Any]:
     """ds_config.json with the `[deepspeed]` overrides applied and bf16 "auto" decided.
 
-    bf16 "auto" is on for CUDA and off elsewhere (CPU runs are for tests and demos).
+    bf16 "auto" and zero_optimization.overlap_comm "auto" are on for CUDA and off elsewhere (CPU runs are
+    for tests and demos).
     """
     path = Path(cfg.deepspeed.config)
     try:
@@ -329,6 +332,9 @@ def build_ds_config(cfg: RunConfig, device_type: str) -> dict[str, Any]:
         bf16["enabled"] = o.bf16
     elif bf16.get("enabled", "auto") == "auto":
         bf16["enabled"] = device_type == "cuda"
+    zero = ds.get("zero_optimization", {})
+    if zero.get("overlap_comm") == "auto":  # gradient reduction on its own CUDA stream, overlapping backward
+        zero["overlap_comm"] = device_type == "cuda"
     if "gradient_clipping" not in ds:
         raise ConfigError(f"deepspeed config {path}: set gradient_clipping explicitly (DeepSpeed defaults to 1.0)")
     if ds.get("zero_optimization", {}).get("stage", 0) > 2:

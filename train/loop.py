@@ -3,10 +3,12 @@
 Per step, on every rank, in this order:
 
     batch (from the stream of segment step // ckpt.every)  ->  loss, metrics = stage.forward(batch, step)
-    -> all-reduce "loss is finite" (MIN): all ranks agree  ->  backward, all-reduce "gradients are finite"
-       (plain fp32 engines, see grads_finite)  ->  step, or skip the step everywhere
-    -> preemption flag (all-reduced)  ->  logs / validation  ->  checkpoint at ckpt.every, at the end, or
-       when preempted
+    -> one all-reduce (MAX) of ["loss is not finite", "preemption signal"]: all ranks agree  ->  backward,
+       all-reduce "gradients are finite" (plain fp32 engines only, see grads_finite)  ->  step, or skip the
+       step everywhere  ->  logs / validation  ->  checkpoint at ckpt.every, at the end, or when preempted
+
+On ZeRO / bf16 engines that flag all-reduce and its read are the only host sync of a step: the loss and
+the stage's metrics are read at `log.every` steps only.
 
 Seeds: every rank seeds from `train.seed` (rank 0's stream) while the stage builds its modules, so the
 initial weights are the same everywhere, then from `train.seed + rank` for training.
@@ -29,6 +31,7 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
+from unirestorer import cuda_setup
 from unirestorer.launch.env import DistInfo
 from unirestorer.train import checkpoint as ckpt
 from unirestorer.train.ckpt_dir_guard import prepare as prepare_ckpt_dir
@@ -53,6 +56,14 @@ def mean_over_ranks(values: dict[str, float], info: DistInfo) -> dict[str, float
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=info.device)
     all_reduce(t)
     return dict(zip(keys, (t / info.world_size).tolist()))
+
+
+def step_flags(loss: torch.Tensor, handler: PreemptionHandler, info: DistInfo) -> tuple[bool, bool]:
+    """(the loss is finite on every rank, some rank got a preemption signal): one all-reduce, one read."""
+    flags = torch.stack([(~torch.isfinite(loss.detach()).all()).to(device=info.device, dtype=torch.int32),
+                         torch.full((), int(handler.received is not None), dtype=torch.int32, device=info.device)])
+    bad, stop = all_reduce(flags, dist.ReduceOp.MAX).tolist()
+    return not bad, bool(stop)
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -142,6 +153,7 @@ def run(stage: Stage, cfg: RunConfig, info: DistInfo) -> int:
         print(f"[config] stage {stage.name}, {world} ranks, device {info.device}\n{cfg.pretty()}", flush=True)
     point = prepare_ckpt_dir(cfg, rank)  # lock, resume point, refusals: before anything is built
     handler = PreemptionHandler().install()
+    cuda_setup.configure(info.device)
     seed_everything(cfg.train.seed, 0)
     engine = stage.build(cfg, info)
     check_config(cfg, engine)
@@ -174,9 +186,9 @@ def run(stage: Stage, cfg: RunConfig, info: DistInfo) -> int:
             step += 1
             if step in cfg.train.debug_nan_steps and rank == world - 1:  # test hook
                 loss = loss * float("nan")
-            finite = torch.isfinite(loss.detach()).all().to(device=info.device, dtype=torch.int32).reshape(1)
+            finite, stop = step_flags(loss, handler, info)
             what = "loss"
-            if all_reduce(finite, dist.ReduceOp.MIN).item():
+            if finite:
                 engine.backward(loss)
                 what = "gradients"
                 if grads_finite(engine, info):
@@ -191,10 +203,9 @@ def run(stage: Stage, cfg: RunConfig, info: DistInfo) -> int:
                              f"({bad_in_row} in a row, {bad_total} in total)")
             steps_since += 1
             time.sleep(cfg.train.debug_step_sleep)
-            stop = handler.should_stop()
             if step % cfg.log.every == 0 or step == max_steps:
                 now = time.perf_counter()
-                values = mean_over_ranks({"loss": loss.item(), **metrics}, info)
+                values = mean_over_ranks({"loss": loss.item(), **(metrics() if callable(metrics) else metrics)}, info)
                 values.update({f"lr{i}" if i else "lr": lr for i, lr in enumerate(engine.get_lr())},
                               images_per_s=per_step * steps_since / max(now - t_last, 1e-9), bad_steps=bad_total)
                 monitor.scalars(step, values)

@@ -24,6 +24,8 @@ Optional methods the spine calls only when present (`getattr`):
 
 Non-finite losses: the spine all-reduces an "is finite" flag, so a stage never needs its own NaN check.
 `forward`'s metrics are averaged over ranks at every `log.every` step: every rank must return the same keys.
+They may be a zero-argument callable returning the dict: the spine calls it at `log.every` steps only (on
+every rank at the same step, so it may all-reduce), which keeps per-step `.item()` syncs out of the step.
 `forward`'s `step` is the 0-based index of the step being run (logs and checkpoints count done steps, 1-based).
 Elastic resume (another world size): the spine moves `engine.lr_scheduler` to its saved `last_epoch`
 (client state "lr_steps") before `load_state`.
@@ -42,6 +44,9 @@ from unirestorer.launch.env import DistInfo
 from unirestorer.train.config import RunConfig
 
 
+Metrics = dict[str, float] | Callable[[], dict[str, float]]  # a callable is read at log steps only
+
+
 class Stage(Protocol):
     name: str
 
@@ -51,7 +56,7 @@ class Stage(Protocol):
     def stream(self, cfg: RunConfig, dist: DistInfo, segment: int) -> Iterable[dict]:
         """The batches of one checkpoint segment (a deterministic function of seed, rank and segment)."""
 
-    def forward(self, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, batch: dict, step: int) -> tuple[torch.Tensor, Metrics]:
         """Loss of one micro batch (the spine calls engine.backward / engine.step) and scalar metrics."""
 
     def state(self) -> dict[str, Any]:

@@ -131,7 +131,8 @@ def _cluster(cfg: RunConfig, info: DistInfo, handler: PreemptionHandler) -> int:
     all_tasks = _gather_strings(tasks, info)
     if info.rank == 0:
         levels = tree_levels(cfg.tree.levels, all_tasks)
-        tree = DegradationTree.fit(all_emb, k=levels, tasks=all_tasks, seed=cfg.train.seed,
+        # on rank 0's device: k-means runs in torch there (minutes on a CPU, seconds on a GPU) while the others wait
+        tree = DegradationTree.fit(all_emb.to(info.device), k=levels, tasks=all_tasks, seed=cfg.train.seed,
                                    level1_from_tasks=cfg.tree.level1_from_tasks)
         out = Path(cfg.tree.path)
         tree.save(out)

@@ -32,16 +32,24 @@ from torch import Tensor
 from torch.nn.utils import parameters_to_vector
 
 from unirestorer.data_shards.loader import expand_source, make_loader
+from unirestorer.cuda_setup import optimizer_options
 from unirestorer.launch.env import DistInfo
 from unirestorer.model.experts import create_expert
 from unirestorer.model.tree import DegradationTree
 from unirestorer.parallel.dispatch import CommTimer
 from unirestorer.parallel.tree_moe import TreeMoE, check_ds_config, moe_param_groups
 from unirestorer.train.config import ConfigError, RunConfig, build_ds_config
-from unirestorer.train.stage import lr_lambda
+from unirestorer.train.stage import Metrics, lr_lambda
 from unirestorer.train.stage_state import tree_from_state, tree_to_state
 from unirestorer.train.tree_stage import (TreeModule, all_sum, check_placement, expert_spec, load_init, node_factory,
                                           stream_config, validate_psnr)
+
+
+def to_channels_last(module: torch.nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook: the images in channels_last, so the convolutions run in it (TreeMoE's row gathers
+    return contiguous images; the weights cannot be: DeepSpeed's broadcast and ZeRO's flat buffers need them
+    contiguous)."""
+    return (args[0].contiguous(memory_format=torch.channels_last), *args[1:])
 
 
 class LevelLR:
@@ -117,6 +125,12 @@ class ExpertsStage:
         factory = node_factory(self.spec, t.seed)
         self.extractor_config = extractor.config
         module = TreeModule(extractor, TreeMoE(factory, self.tree.level_sizes, ep)).to(self.device)
+        if t.channels_last:  # each expert's input; weights stay contiguous (DeepSpeed views them as bytes)
+            for node in module.tree_moe.local_nodes():
+                module.tree_moe.local_module(node).register_forward_pre_hook(to_channels_last)
+        if t.compile_experts:  # in place: parameter names (and checkpoint keys) stay as they are
+            for node in module.tree_moe.local_nodes():
+                module.tree_moe.local_module(node).compile()
         ds = build_ds_config(cfg, self.device.type)
         check_ds_config(ds)
         self.micro_batch = ds["train_micro_batch_size_per_gpu"]
@@ -124,14 +138,17 @@ class ExpertsStage:
         floor = t.min_lr / t.lr if t.lr > 0 else 0.0
         lambdas = [LevelLR(self.starts[g["level"]], t.warmup_steps, self.ends[g["level"]], floor, t.schedule,
                            self.ends[g["level"]] < t.max_steps) for g in groups]
-        optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
+                                      **optimizer_options(self.device))
         self.engine, *_ = deepspeed.initialize(
             model=module, optimizer=optimizer, config=ds,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambdas))
         module.extractor.float()  # frozen, outside the optimizer: routes in fp32 as `cluster` and inference do
         self.started = {l for l in range(n_levels) if self.starts[l] <= 0}
         self.seen = torch.zeros(self.tree.n_nodes, dtype=torch.float64)
-        self.last_forward: float | None = None
+        self.trainable: list[int] | None = None  # levels whose experts require grad (None: all, as built)
+        self.unread = torch.zeros(self.tree.n_nodes, dtype=torch.float64, device=self.device)
+        self.last_read = time.perf_counter()
         CommTimer.enabled = True
         if dist_info.rank == 0:
             print(module.tree_moe.placement_report(factory, self.tree.counts.tolist()), file=sys.stderr, flush=True)
@@ -192,16 +209,14 @@ class ExpertsStage:
         if refresh is not None:  # ZeRO / bf16 keep fp32 master copies: take the copied weights there too
             refresh()
 
-    def forward(self, batch: dict, step: int) -> tuple[Tensor, dict[str, float]]:
-        now = time.perf_counter()
-        share = CommTimer.seconds / (now - self.last_forward) if self.last_forward else 0.0
-        self.last_forward, CommTimer.seconds = now, 0.0
+    def forward(self, batch: dict, step: int) -> tuple[Tensor, Metrics]:
         self.start_levels(step)
         module = self.engine.module
         param = next(module.tree_moe.parameters())
-        lq, gt = batch["lq"].to(param.device), batch["gt"].to(param.device)
-        paths = self.tree.path(module.extractor.embed(lq)).to(param.device)  # [B, n_levels], oracle routes
+        lq, gt = batch["lq"].to(param.device, non_blocking=True), batch["gt"].to(param.device, non_blocking=True)
+        paths = self.tree.path(module.extractor.embed(lq), check=False)  # [B, n_levels], oracle routes, fp32
         levels = [l for l in sorted(self.started) if step < self.ends[l]]
+        self.train_only(levels)
         nodes = paths[:, levels]
         out = self.engine(lq.to(param.dtype), nodes).float()  # [B, k, 3, H, W]
         diff = out - gt[:, None].float()
@@ -210,18 +225,41 @@ class ExpertsStage:
         else:
             per = diff.abs().flatten(2).mean(2)
         loss = per.mean()
-        return loss, self.metrics(per.detach(), nodes, levels, share)
+        flat = nodes.flatten()  # images per expert, counted on the device: read (and summed over ranks) at log steps
+        self.unread.index_add_(0, flat, torch.ones(flat.shape, dtype=torch.float64, device=flat.device))
+        per = per.detach()
+        return loss, lambda: self.metrics(per, nodes, levels)
 
-    def metrics(self, per: Tensor, nodes: Tensor, levels: list[int], share: float) -> dict[str, float]:
-        """Loss per level and per expert, images seen per expert (summed over ranks), all-to-all share."""
+    def train_only(self, levels: list[int]) -> None:
+        """Levels not training at this step (not started, or ended) are frozen, on every rank alike: their
+        experts get no images, and frozen they run no idle probe (DeepSpeed counts their parameters as unused:
+        zero gradients, as the probe gave). Active levels keep the probe, so hook order stays equal."""
+        if levels == self.trainable:
+            return
+        for level, moe in enumerate(self.engine.module.tree_moe.levels):
+            moe.deepspeed_moe.experts.deepspeed_experts.requires_grad_(level in levels)
+        self.trainable = levels
+
+    def read_seen(self) -> None:
+        """Add the images every rank routed since the last read to `seen` (a collective)."""
+        self.seen += all_sum(self.unread).cpu()
+        self.unread.zero_()
+
+    def metrics(self, per: Tensor, nodes: Tensor, levels: list[int]) -> dict[str, float]:
+        """Loss per level and per expert of this step, images seen per expert (summed over ranks), the share of
+        the time since the last log step spent in all-to-all exchanges, peak GPU memory."""
         n = self.tree.n_nodes
         flat = nodes.flatten().cpu()
         sums = torch.cat([torch.zeros(n, dtype=torch.float64).index_add_(0, flat, per.flatten().double().cpu()),
                           torch.bincount(flat, minlength=n).double()])
         sums = all_sum(sums.to(per.device)).cpu()
         loss_sum, count = sums[:n], sums[n:]
-        self.seen += count
-        out = {"a2a_time_share": share}
+        self.read_seen()
+        now = time.perf_counter()
+        out = {"a2a_time_share": CommTimer.take() / max(now - self.last_read, 1e-9)}
+        self.last_read = now
+        if self.device.type == "cuda":
+            out["gpu_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         for i, level in enumerate(levels):
             lo, hi = self.tree.level_starts[level], self.tree.level_starts[level] + self.tree.level_sizes[level]
             out[f"loss/level{level}"] = float(loss_sum[lo:hi].sum() / count[lo:hi].sum().clamp_min(1))
@@ -232,6 +270,7 @@ class ExpertsStage:
         return out
 
     def state(self) -> dict[str, Any]:
+        self.read_seen()  # every rank saves at the same step
         return {**tree_to_state(self.tree), "extractor_config": json.dumps(self.extractor_config),
                 "expert_spec": json.dumps(self.spec), "images_seen": self.seen.clone(),
                 "levels_started": sorted(self.started)}
@@ -241,6 +280,7 @@ class ExpertsStage:
         if not torch.equal(saved.centroids, self.tree.centroids) or saved.level_sizes != self.tree.level_sizes:
             raise ConfigError("the checkpoint was trained on another tree than tree.path / the init checkpoint's")
         self.seen = state["images_seen"].double().cpu()
+        self.unread.zero_()
         self.started |= set(state["levels_started"])
 
     def validate(self, step: int) -> dict[str, float]:

@@ -19,11 +19,12 @@ import torch
 import torch.distributed as dist
 
 from unirestorer.data_shards.loader import StreamConfig, StreamLoader, make_loader
+from unirestorer.cuda_setup import optimizer_options
 from unirestorer.launch.env import DistInfo
 from unirestorer.model.extractor import (DegradationExtractor, confusion_text, extractor_loss, extractor_targets,
                                         family_accuracy)
 from unirestorer.train.config import ConfigError, RunConfig, build_ds_config
-from unirestorer.train.stage import warmup_cosine
+from unirestorer.train.stage import Metrics, warmup_cosine
 
 
 def build_extractor(cfg: RunConfig) -> DegradationExtractor:
@@ -57,7 +58,8 @@ class ExtractorStage:
         self.model = build_extractor(cfg)
         self.families = self.model.families
         t = cfg.train
-        opt = torch.optim.AdamW(self.model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+        opt = torch.optim.AdamW(self.model.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
+                                **optimizer_options(info.device))
         self.engine, *_ = deepspeed.initialize(model=self.model, optimizer=opt, lr_scheduler=warmup_cosine(opt, cfg),
                                                config=build_ds_config(cfg, info.device.type))
         self.micro = self.engine.train_micro_batch_size_per_gpu()
@@ -68,16 +70,17 @@ class ExtractorStage:
 
     def _input(self, batch: dict) -> torch.Tensor:
         dtype = next(self.engine.module.parameters()).dtype
-        return batch["lq"].to(self.info.device, dtype)
+        return batch["lq"].to(self.info.device, dtype, non_blocking=True)
 
-    def forward(self, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, batch: dict, step: int) -> tuple[torch.Tensor, Metrics]:
         out = self.engine(self._input(batch))
         out = type(out)(*(v.float() for v in out))
         targets = extractor_targets(batch["label"], families=self.families)
         parts = extractor_loss(out, targets)
-        metrics = {k: v.item() for k, v in parts.items() if k != "loss"}
-        metrics["family_acc"] = family_accuracy(out.family_logits, targets.multi_hot.to(out.family_logits.device))
-        return parts["loss"], metrics
+        logits, truth = out.family_logits.detach(), targets.multi_hot.to(out.family_logits.device)
+        detached = {k: v.detach() for k, v in parts.items() if k != "loss"}
+        return parts["loss"], lambda: {**{k: v.item() for k, v in detached.items()},
+                                       "family_acc": family_accuracy(logits, truth)}
 
     def state(self) -> dict[str, Any]:
         return {"extractor_config": json.dumps(self.model.config)}

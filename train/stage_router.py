@@ -33,12 +33,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from unirestorer.data_shards.loader import make_loader
+from unirestorer.cuda_setup import optimizer_options
 from unirestorer.launch.env import DistInfo
 from unirestorer.model.router import Route, Router, best_level, gate
 from unirestorer.parallel.tree_moe import TreeMoE, check_ds_config, moe_param_groups
 from unirestorer.train.checkpoint import CheckpointError
 from unirestorer.train.config import ConfigError, RunConfig, build_ds_config
-from unirestorer.train.stage import warmup_cosine
+from unirestorer.train.stage import Metrics, warmup_cosine
 from unirestorer.train.stage_state import tree_from_state, tree_to_state
 from unirestorer.train.tree_stage import (TreeModule, all_sum, check_placement, expert_spec, load_init, node_factory,
                                           stream_config, validate_psnr)
@@ -108,7 +109,7 @@ class RouterStage:
         check_ds_config(ds)
         self.micro_batch = ds["train_micro_batch_size_per_gpu"]
         groups = moe_param_groups(module, weight_decay=t.weight_decay)
-        optimizer = torch.optim.Adam(groups, lr=t.lr, betas=tuple(t.betas))
+        optimizer = torch.optim.Adam(groups, lr=t.lr, betas=tuple(t.betas), **optimizer_options(self.device))
         self.engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds,
                                                lr_scheduler=warmup_cosine(optimizer, cfg))
         if dist_info.rank == 0:
@@ -128,22 +129,23 @@ class RouterStage:
         with torch.no_grad(), torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
             return self.engine(lq, nodes).float()
 
-    def forward(self, batch: dict, step: int) -> tuple[Tensor, dict[str, float]]:
+    def forward(self, batch: dict, step: int) -> tuple[Tensor, Metrics]:
         module = self.engine.module
-        lq, gt = batch["lq"].to(self.device), batch["gt"].to(self.device)
-        e = module.extractor.embed(lq)
-        paths = self.tree.path(e).to(self.device)
+        lq, gt = batch["lq"].to(self.device, non_blocking=True), batch["gt"].to(self.device, non_blocking=True)
+        e = module.extractor.embed(lq)  # fp32, as the tree path and the router (only the experts run in bf16)
+        paths = self.tree.path(e, check=False)
         route = module.router.route(e)
         nodes = torch.cat([route.node[:, None], paths], 1) if self.supervised else route.node[:, None]
         out = self.experts(lq, nodes)  # [B, 1 (+ n_levels), 3, H, W]
         y = gate(out[:, 0], route.g)
         level_target = best_level((out[:, 1:] - gt[:, None]).abs().flatten(2).mean(2)) if self.supervised else None
-        u = self.tree.centroids.to(e)[paths[:, -1]]
+        u = self.tree.centroids.to(e.device, non_blocking=True)[paths[:, -1]]
         importance = global_sum(route.p_level.sum(0))
         loss, parts = module.router.loss(route, F.l1_loss(y, gt), u, paths[:, -1] - self.tree.level_starts[-1],
                                          level_target, importance)
-        return loss, {**{f"loss/{k}": float(v.detach()) for k, v in parts.items()},
-                      **self.routing(route, paths, best=level_target)}
+        parts = {k: v.detach() for k, v in parts.items()}
+        return loss, lambda: {**{f"loss/{k}": float(v) for k, v in parts.items()},
+                              **self.routing(route, paths, best=level_target)}
 
     def routing(self, route: Route, paths: Tensor, prefix: str = "route", best: Tensor | None = None
                 ) -> dict[str, float]:
@@ -186,8 +188,8 @@ class RouterStage:
 
         was = router.training
         router.eval()
-        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast):
-            out = validate_psnr(self.engine, self.tree, loader, nodes_of, ["routed", "oracle_leaf"], self.grids)
+        out = validate_psnr(self.engine, self.tree, loader, nodes_of, ["routed", "oracle_leaf"], self.grids,
+                            autocast=self.autocast)
         router.train(was)
         merged = Route(*(torch.cat([getattr(r, f) for r, _ in routes]) for f in
                          ("node", "leaf", "level", "g", "p_leaf", "p_level", "leaf_logits", "level_logits")))

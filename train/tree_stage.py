@@ -127,9 +127,9 @@ def image_grids(lq: Tensor, out: Tensor, gt: Tensor, nodes: Tensor, tasks: list[
 
 def validate_psnr(engine: Any, tree: DegradationTree, stream: Iterable[dict],
                   nodes_of: Callable[[Tensor, Tensor], Tensor], names: list[str],
-                  grids: dict[str, Tensor] | None = None) -> dict[str, float]:
+                  grids: dict[str, Tensor] | None = None, autocast: bool = False) -> dict[str, float]:
     """Mean PSNR per task of the experts `nodes_of(embeddings, paths) -> [B, len(names)]` picks (and of the
-    input); every rank takes part."""
+    input); every rank takes part. Routing runs in fp32; `autocast`: the experts under bf16 autocast."""
     module, n_tasks = engine.module, len(tree.task_names)
     sums = torch.zeros(len(names) + 1, n_tasks + 1, dtype=torch.float64)  # last row: the input; column: unknown task
     counts = torch.zeros(n_tasks + 1, dtype=torch.float64)
@@ -138,12 +138,13 @@ def validate_psnr(engine: Any, tree: DegradationTree, stream: Iterable[dict],
     module.eval()
     with torch.no_grad():
         for batch in stream:
-            lq, gt = batch["lq"].to(param.device), batch["gt"].to(param.device)
+            lq, gt = batch["lq"].to(param.device, non_blocking=True), batch["gt"].to(param.device, non_blocking=True)
             task = torch.tensor([tree.task_names.index(t) if t in tree.task_names else n_tasks
                                  for t in batch["task"]], dtype=torch.long)
             e = module.extractor.embed(lq)
-            nodes = nodes_of(e, tree.path(e).to(param.device))
-            out = engine(lq.to(param.dtype), nodes)
+            nodes = nodes_of(e, tree.path(e, check=False))
+            with torch.autocast(param.device.type, torch.bfloat16, enabled=autocast):
+                out = engine(lq.to(param.dtype), nodes)
             if grids is not None and not grids:
                 grids.update(image_grids(lq, out[:, 0], gt, nodes[:, 0], batch["task"], names[0]))
             for col in range(len(names)):

@@ -125,11 +125,12 @@ def load_synthetic(clean_dir: Path, spec: str, seed: int = 0, multiple: int = 16
 
 def evaluate(model, samples: list[Sample], conv: Convention = Convention(), task: str | None = None,
              tile: int = 0, overlap: int = 64, device: str = "cpu", progress: bool = True,
-             set_task: str | None = None, denoiser: str = "auto") -> tuple[list[dict], list[np.ndarray]]:  # fmt: skip
+             set_task: str | None = None, denoiser: str = "auto", bf16: bool = False,
+             ) -> tuple[list[dict], list[np.ndarray]]:  # fmt: skip
     """Per-image records (route, PSNR/SSIM of every method and of every path node) and routed outputs.
 
     `task` routes in instruction mode; `set_task` (the set's degradation) and `denoiser` pick the classical
-    row."""
+    row; `bf16` runs the experts under bf16 autocast (routing stays fp32)."""
     import torch
     from tqdm import tqdm
 
@@ -143,7 +144,7 @@ def evaluate(model, samples: list[Sample], conv: Convention = Convention(), task
         route = route_image(model, x, task)
         leaf = int(route.leaf[0])
         path = [int(n) for n in model.router.leaf_paths[leaf]]
-        outs = {n: run_expert(model, n, x, tile, overlap)[0].permute(1, 2, 0).cpu().numpy() for n in path}
+        outs = {n: run_expert(model, n, x, tile, overlap, bf16=bf16)[0].permute(1, 2, 0).cpu().numpy() for n in path}
         score = {n: (psnr(o, s.gt, conv), ssim(o, s.gt, conv)) for n, o in outs.items()}
         node = int(route.node[0])
         best = max(path, key=lambda n: score[n][0])
@@ -269,6 +270,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tile", type=int, default=0, help="tiled inference tile size (default 0: whole image)")
     p.add_argument("--overlap", type=int, default=64)
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    p.add_argument("--bf16", action="store_true", help="experts under bf16 autocast (routing stays fp32)")
     p.add_argument("--limit", type=int, default=None, help="first N images only")
     p.add_argument("--name", help="name of this run in titles and the summary (default: --synth, else --task); "
                                   "also the folder under runs/eval/, so a plain name (no '/', '..')")
@@ -318,14 +320,14 @@ def run(args: argparse.Namespace) -> int:
         return 2
     source = f"{args.clean} + {args.synth} (seed {args.seed})" if args.clean else f"{args.pairs[0]} vs {args.pairs[1]}"
     records, outputs = evaluate(model, samples, conv, task if args.instruct else None, args.tile, args.overlap, device,
-                                set_task=task, denoiser=args.classical)
-    table = markdown(f"{name}: {source}{' (instruction mode)' if args.instruct else ''}", conv, records,
+                                set_task=task, denoiser=args.classical, bf16=args.bf16)
+    table = markdown(f"{name}: {source}{' (instruction mode)' if args.instruct else ''}{' (experts in bf16)' if args.bf16 else ''}", conv, records,
                      model.tree.n_levels, task, args.classical)
     print(table)
     atomic_write(out / "results.md", table)
     write_csv(out / "results.csv", records)
     if args.json:
-        doc = {"name": name, "source": source, "convention": conv.describe(), "summary": summarise(records),
+        doc = {"name": name, "source": source, "convention": conv.describe(), "bf16": args.bf16, "summary": summarise(records),
                "images": records}
         atomic_write(out / "results.json", json.dumps(_finite(doc), indent=1))
     if args.grid > 0:

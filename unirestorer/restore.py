@@ -84,27 +84,30 @@ def tiled(fn: Callable[[Tensor], Tensor], x: Tensor, tile: int, overlap: int, ba
 
 
 def route_image(model, x: Tensor, task: str | None = None):
-    """The routing decision for x [1,3,H,W] from the embedding of the whole image."""
+    """The routing decision for x [1,3,H,W] from the embedding of the whole image (fp32 always: the
+    extractor and the tree turn autocast off, and the router runs outside any)."""
     import torch
 
-    with torch.no_grad():
+    with torch.inference_mode():
         return model.router.route(model.extractor.embed(x), task)
 
 
-def run_expert(model, node: int, x: Tensor, tile: int, overlap: int, batch: int = 4) -> Tensor:
-    """Expert `node` on x [1,3,H,W], tiled, clamped to [0, 1]."""
+def run_expert(model, node: int, x: Tensor, tile: int, overlap: int, batch: int = 4, bf16: bool = False) -> Tensor:
+    """Expert `node` on x [1,3,H,W], tiled, clamped to [0, 1], fp32; `bf16`: the expert under bf16 autocast
+    (weights stay fp32, normalisations and the blending too)."""
     import torch
 
     expert = model.expert(node)
-    with torch.no_grad():
-        return tiled(expert, x, tile, overlap, batch, getattr(expert, "multiple", 1)).clamp_(0, 1)
+    with torch.inference_mode(), torch.autocast(x.device.type, torch.bfloat16, enabled=bf16):
+        out = tiled(expert, x, tile, overlap, batch, getattr(expert, "multiple", 1))
+        return out.float().clamp_(0, 1)
 
 
 def restore_tensor(model, x: Tensor, task: str | None = None, tile: int = DEFAULT_TILE,
-                   overlap: int = DEFAULT_OVERLAP, batch: int = 4) -> tuple[Tensor, dict]:  # fmt: skip
+                   overlap: int = DEFAULT_OVERLAP, batch: int = 4, bf16: bool = False) -> tuple[Tensor, dict]:
     """x [1,3,H,W] in [0, 1] → (restored [1,3,H,W], the route as `UniRestorer.describe` gives it)."""
     route = route_image(model, x, task)
-    return run_expert(model, int(route.node[0]), x, tile, overlap, batch), model.describe(route, 0)
+    return run_expert(model, int(route.node[0]), x, tile, overlap, batch, bf16), model.describe(route, 0)
 
 
 def check_tiling(model, tile: int, overlap: int) -> None:
@@ -169,6 +172,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--overlap", type=int, default=DEFAULT_OVERLAP, help=f"tile overlap (default {DEFAULT_OVERLAP})")
     p.add_argument("--tile-batch", type=int, default=4, help="tiles per expert call (default 4)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    p.add_argument("--bf16", action="store_true", help="experts under bf16 autocast (routing stays fp32)")
     p.add_argument("--explain", action="store_true", help="print each image's level, node and probabilities")
     p.add_argument("--max-pixels", type=int, default=None,
                    help="refuse larger images, from the header before decoding (default 50M; may exceed Pillow's cap)")
@@ -217,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
             try:
                 pic = load_picture(src, args.max_pixels or DEFAULT_MAX_PIXELS)
                 x = torch.from_numpy(pic.rgb).permute(2, 0, 1)[None].to(state.device)
-                y, info = restore_tensor(model, x, args.task, args.tile, args.overlap, args.tile_batch)
+                y, info = restore_tensor(model, x, args.task, args.tile, args.overlap, args.tile_batch, args.bf16)
                 save_picture(dest, y[0].permute(1, 2, 0).float().cpu().numpy(), pic)
             except (ImageReadError, OSError) as err:
                 tqdm.write(f"skipped: {err}", file=sys.stderr)
