@@ -258,10 +258,16 @@ def launcher_env(gpus: int) -> dict[str, str]:
     return env
 
 
-def stage_command(stage: str, config: Path, ranks: int) -> list[str]:
+def stage_command(stage: str, config: Path, ranks: int, port: int) -> list[str]:
     deepspeed = str(Path(sys.executable).parent / "deepspeed")
-    return [deepspeed, "--num_gpus", str(ranks), "--master_port", str(free_port()), "--no_local_rank",
+    return [deepspeed, "--num_gpus", str(ranks), "--master_port", str(port), "--no_local_rank",
             "--module", "unirestorer.train", stage, "--config", str(config), "--resume", "none"]  # fmt: skip
+
+
+def release_shm(port: int) -> None:
+    """DeepSpeed's CPU all-reduce op leaves a 69 MB buffer per rank of a finished run in /dev/shm."""
+    for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+        f.unlink(missing_ok=True)
 
 
 class Terminal:
@@ -449,7 +455,10 @@ def train_stages(out: Path, shards: list[str], val: list[str], sizes: Sizes, sca
         write_toml(path, cfg)
         steps = f", {cfg['train']['max_steps']} steps" if "max_steps" in cfg["train"] else ""
         progress.phase(f"stage {stage} on {ranks} {'GPU' if gpus else 'CPU rank'}s{steps} (config {path})")
-        if code := run_logged(stage_command(stage, path, ranks), env, log):
+        port = free_port()
+        code = run_logged(stage_command(stage, path, ranks, port), env, log)
+        release_shm(port)
+        if code:
             print(f"\ndemo stopped: stage {stage} failed with exit code {code}; its log: {log}", file=sys.stderr)
             return code
     progress.phase("export the bundle")
