@@ -23,7 +23,7 @@ from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optim
 from torch import Tensor, nn
 
 from .dispatch import all_to_all_v, exchange_counts
-from .placement import LevelPlacement, Placement, plan_placement
+from .placement import IDLE, LevelPlacement, Placement, plan_placement
 
 ExpertFactory = Callable[[int], nn.Module]
 IDLE_PROBE = 16  # side of the blank image an expert without images runs on (any size the experts accept)
@@ -66,16 +66,22 @@ class TreeMoE(nn.Module):
     """All experts of a degradation tree, placed over ranks, called with per-image routes.
 
     `factory(node_id)` builds the expert of a tree node (global breadth-first id). Only the experts
-    placed on this rank are built. Construct after `deepspeed.init_distributed` and wrap with
-    `initialize` (or `deepspeed.initialize`), which creates the process groups.
+    placed on this rank are built. With `cluster_sizes` (training images per node) a skewed placement
+    is balanced by expected load (parallel/placement.py). Construct after `deepspeed.init_distributed`
+    and wrap with `initialize` (or `deepspeed.initialize`), which creates the process groups.
+
+    The buffer `slot_nodes` (`[levels, max slots]`, node id per slot, -1 idle or absent) goes into the
+    dense checkpoint file, so every checkpoint says which node each per-expert file holds.
     """
 
     def __init__(self, factory: ExpertFactory, level_sizes: Sequence[int],
-                 ep_sizes: Sequence[int] | None = None) -> None:
+                 ep_sizes: Sequence[int] | None = None, cluster_sizes: Sequence[float] | None = None) -> None:
         super().__init__()
         distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if distributed else 0
-        self.placement: Placement = plan_placement(level_sizes, dist.get_world_size() if distributed else 1, ep_sizes)
+        self.placement: Placement = plan_placement(level_sizes, dist.get_world_size() if distributed else 1,
+                                                   ep_sizes, cluster_sizes=cluster_sizes)
+        self.register_buffer("slot_nodes", slot_table(self.placement))
         self.levels = nn.ModuleList(self._build_level(lv, factory) for lv in self.placement.levels)
         self._exchanges = [
             _Exchange(ep, [lv.level for lv in self.placement.levels if lv.ep_size == ep], [])
@@ -88,10 +94,11 @@ class TreeMoE(nn.Module):
             for level in ex.levels:
                 lv = self.placement.levels[level]
                 ex.modules.extend(self._slots(level))
-                for slot in range(lv.num_nodes):
-                    exchange_of.append((lv.first_node + slot, ex_id))
-                    dest.append((lv.first_node + slot, slot // lv.local_slots))
-                    local.append((lv.first_node + slot, offset + slot % lv.local_slots))
+                for slot, node in enumerate(lv.slot_nodes):
+                    if node != IDLE:
+                        exchange_of.append((node, ex_id))
+                        dest.append((node, slot // lv.local_slots))
+                        local.append((node, offset + slot % lv.local_slots))
                 offset += lv.local_slots
         self._exchange_of, self._dest, self._local = (
             torch.tensor([v for _, v in sorted(table)]) for table in (exchange_of, dest, local))
@@ -102,7 +109,7 @@ class TreeMoE(nn.Module):
         moe = MoE(hidden_size=1, expert=nn.Identity(), num_experts=lv.num_slots, ep_size=lv.ep_size,
                   min_capacity=0, drop_tokens=False, use_rts=False)
         moe.deepspeed_moe.gate.wg.weight.requires_grad_(False)
-        slots = [factory(lv.first_node + s) if s < lv.num_nodes else IdleSlot()
+        slots = [factory(lv.slot_nodes[s]) if lv.slot_nodes[s] != IDLE else IdleSlot()
                  for s in lv.slots_on(self.rank % lv.ep_size)]
         for module in slots:
             for param in module.parameters():
@@ -120,7 +127,7 @@ class TreeMoE(nn.Module):
         """The expert of `node`, which must be placed on this rank."""
         level = self.placement.level_of_node()[node]
         lv = self.placement.levels[level]
-        slot = node - lv.first_node
+        slot = lv.slot_of(node)
         if slot not in lv.slots_on(self.rank % lv.ep_size):
             raise KeyError(f"node {node} is not placed on rank {self.rank}")
         return self._slots(level)[slot % lv.local_slots]
@@ -204,6 +211,14 @@ class TreeMoE(nn.Module):
         if group is not None and back.requires_grad:
             token = back.sum()
         return back[_inverse(order).to(back.device)], token
+
+
+def slot_table(placement: Placement) -> Tensor:
+    """`[levels, max slots]` node id per slot (-1: idle padding, or past the level's slots)."""
+    table = torch.full((len(placement.levels), max(lv.num_slots for lv in placement.levels)), IDLE, dtype=torch.long)
+    for lv in placement.levels:
+        table[lv.level, : lv.num_slots] = torch.tensor(lv.slot_nodes)
+    return table
 
 
 def moe_param_groups(model: nn.Module, **options: Any) -> list[dict]:

@@ -243,7 +243,8 @@ class ExpertsStage:
         self.spec = expert_spec(cfg)
         factory = node_factory(self.spec, t.seed)
         self.extractor_config = extractor.config
-        module = TreeModule(extractor, TreeMoE(factory, self.tree.level_sizes, ep)).to(self.device)
+        tree_moe = TreeMoE(factory, self.tree.level_sizes, ep, cluster_sizes=self.tree.counts.tolist())
+        module = TreeModule(extractor, tree_moe).to(self.device)
         ds = build_ds_config(cfg, self.device.type)
         check_ds_config(ds)
         self.micro_batch = ds["train_micro_batch_size_per_gpu"]
@@ -300,7 +301,7 @@ class ExpertsStage:
             numel = sum(p.numel() for p in create_expert(**self.spec).parameters())
         with torch.no_grad():
             for parent in range(par.first_node, par.first_node + par.num_nodes):
-                owner = (parent - par.first_node) // par.local_slots  # ranks 0..ep-1 hold positions 0..ep-1
+                owner = par.position_of(parent)  # ranks 0..ep-1 hold positions 0..ep-1
                 if rank == owner:
                     flat = parameters_to_vector(moe.local_module(parent).parameters())
                 else:
