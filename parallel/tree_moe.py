@@ -103,6 +103,7 @@ class TreeMoE(nn.Module):
         self._exchange_of, self._dest, self._local = (
             torch.tensor([v for _, v in sorted(table)]) for table in (exchange_of, dest, local))
         self._checked_groups = False
+        self.rows_computed = 0  # images run by this rank's experts in the last forward (load balance logs)
 
     def _build_level(self, lv: LevelPlacement, factory: ExpertFactory) -> MoE:
         # hidden_size 1 keeps DeepSpeed's unused gate tiny; it is frozen since routes come from the tree.
@@ -165,6 +166,7 @@ class TreeMoE(nn.Module):
             raise ValueError(f"node ids must lie in [0, {self.placement.num_nodes}), got {flat.unique().tolist()}")
         batch, k = node_ids.shape
         source = torch.arange(batch).repeat_interleave(k)
+        self.rows_computed = 0
         pieces, picked, token = [], [], None
         for ex_id, ex in enumerate(self._exchanges):
             sel = (self._exchange_of[flat] == ex_id).nonzero().squeeze(1)
@@ -188,6 +190,7 @@ class TreeMoE(nn.Module):
         counts = torch.bincount(key, minlength=peers * width).view(peers, width)
         recv_counts, row_shape = exchange_counts(counts, images.shape[1:], group)
         received = all_to_all_v(send, counts.sum(1), recv_counts.sum(1), row_shape, group)
+        self.rows_computed += int(recv_counts.sum())
 
         # Received rows come grouped by sender, then by local module; regroup by module and run.
         labels = torch.arange(width).repeat(peers).repeat_interleave(recv_counts.flatten())

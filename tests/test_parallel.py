@@ -1,7 +1,8 @@
 """Expert parallelism on DeepSpeed: placement, dropless dispatch, ZeRO-1/2 and checkpoints.
 
-The distributed cases run 2 real ranks (gloo, DS_ACCELERATOR=cpu, the real deepspeed.initialize) and
-compare with one process holding every expert; each spawn packs several steps to keep the suite short.
+The distributed cases run 2 real ranks (torch.multiprocessing) or 4 (the real `deepspeed` launcher), gloo,
+DS_ACCELERATOR=cpu, the real deepspeed.initialize, and compare with one process holding every expert;
+each launch packs several steps (and the 4-rank one several cases) to keep the suite short.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -41,7 +43,18 @@ def run_case(case: dict, tmp_path: Path) -> list[dict]:
     case = {**case, "ckpt_dir": str(tmp_path / "ckpt")}
     mp.start_processes(parallel_worker.run, args=(2, free_port(), case, str(tmp_path)), nprocs=2,
                        start_method="spawn")
-    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    return [json.loads((tmp_path / f"rank{r}.json").read_text())["errors"] for r in range(2)]
+
+
+def run_launcher(cases: dict[str, dict], tmp_path: Path, ranks: int = 4) -> dict[str, list[dict]]:
+    """All cases in one `deepspeed --num_gpus <ranks>` launch of tests/parallel_worker.py."""
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    launcher = Path(sys.executable).parent / "deepspeed"
+    proc = subprocess.run([str(launcher), "--num_gpus", str(ranks), "--master_port", str(free_port()), "--no_local_rank",
+                           str(Path(parallel_worker.__file__)), str(tmp_path / "cases.json"), str(tmp_path)],
+                          env=dict(os.environ), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    return {name: [json.loads((tmp_path / f"{name}_rank{r}.json").read_text()) for r in range(ranks)] for name in cases}
 
 
 def assert_all_match(results: list[dict]) -> None:
@@ -73,6 +86,35 @@ def test_zero1_replicated_level_and_empty_rank(cpu_deepspeed):
         {"seed": 4, "k": 1, "batch": [1, 3], "grad": True, "idle": []},
     ]}
     assert_all_match(run_case(case, cpu_deepspeed))
+
+
+@pytest.mark.slow
+def test_four_ranks_two_communicating_exchanges(cpu_deepspeed):
+    """4 ranks, levels [1, 3, 6]: ep [1, 2, 4] (ZeRO-2) and [1, 4, 2] (ZeRO-1) put two different groups in one
+    step, [1, 4, 4] (ZeRO-2) shares one, placed by expected load (skewed cluster sizes). Idle padding slots in
+    every case, nodes no image reaches, uneven batches with empty ranks, k = 3 and k = 1, no_grad; then the
+    checkpoint round trip."""
+    idle = {"seed": 0, "k": 3, "batch": [3, 1, 0, 2], "grad": True, "idle": [3, 9]}
+    steps = [idle, {"seed": 1, "k": 1, "batch": [0, 2, 1, 3], "grad": True, "idle": [1, 5]},
+             {"seed": 2, "k": 1, "batch": [1, 0, 2, 1], "grad": False, "idle": []}]
+    base = {"level_sizes": [1, 3, 6], "size": 16, "steps": steps}
+    skewed = [100, 60, 30, 10, 50, 40, 5, 2, 2, 1]
+    results = run_launcher({
+        "ep124_zero2": {**base, "ep_sizes": [1, 2, 4], "zero": 2},
+        "ep142_zero1": {**base, "ep_sizes": [1, 4, 2], "zero": 1, "steps": [{**idle, "batch": [0, 0, 3, 1]}, *steps[1:]]},
+        "ep144_zero2_balanced": {**base, "ep_sizes": [1, 4, 4], "zero": 2, "cluster_sizes": skewed, "steps": steps[:2]},
+    }, cpu_deepspeed)
+    for name, ranks in results.items():
+        assert set(ranks[0]["errors"]) >= {"step0_params", "step1_input_grad", "step1_output", "ckpt_not_bit_exact"}
+        assert_all_match([r["errors"] for r in ranks])
+        # every node on exactly its ep position's ranks: level 2 of [1, 2, 4] lives once on each quarter
+        held = [set(r["nodes"]) for r in ranks]
+        assert all(0 in h for h in held) and set.union(*held) == set(range(10)), name
+    assert [r["nodes"] for r in results["ep124_zero2"]] == [[0, 1, 2, 4, 5], [0, 3, 6, 7], [0, 1, 2, 8, 9], [0, 3]]
+    assert [r["nodes"] for r in results["ep142_zero1"]] == [[0, 1, 4, 5, 6], [0, 2, 7, 8, 9], [0, 3, 4, 5, 6], [0, 7, 8, 9]]
+    balanced = results["ep144_zero2_balanced"][0]
+    assert balanced["balanced"] and balanced["slot_nodes"] == [[0, -1, -1, -1, -1, -1, -1, -1], [1, 2, 3, -1, -1, -1, -1, -1],
+                                                               [-1, -1, 6, 7, 5, 8, 4, 9]]
 
 
 def test_placement_report_seven_experts_on_two_ranks():
