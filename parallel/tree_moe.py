@@ -121,6 +121,11 @@ class TreeMoE(nn.Module):
     def _slots(self, level: int) -> list[nn.Module]:
         return list(self.levels[level].deepspeed_moe.experts.deepspeed_experts)
 
+    @property
+    def communicating_exchanges(self) -> int:
+        """All-to-all pairs per forward that cross ranks (one per distinct ep_size > 1)."""
+        return sum(1 for ex in self._exchanges if ex.ep_size > 1)
+
     def local_nodes(self) -> list[int]:
         return self.placement.nodes_on_rank(self.rank)
 

@@ -1,6 +1,7 @@
-"""The experts stage at cluster shape: 4 ranks, two communicating exchanges, SIGKILL + exact resume, elastic
-4 -> 2, 2 -> 4 and 2 -> 3. Everything through `python -m unirestorer.train` and the real `deepspeed` launcher
-(launch/cpu_ranks.sh), gloo CPU ranks, tiny NAFNet experts on 16² patches.
+"""The experts stage at cluster shape: 4 ranks, SIGKILL + exact resume, elastic 4 -> 2, 2 -> 4 and 2 -> 3, export
+of a load-balanced placement, and a two-"node" launch. Everything through `python -m unirestorer.train` and the
+real `deepspeed` launcher (launch/cpu_ranks.sh, launch/deepspeed_multi_node.sh), gloo CPU ranks, tiny NAFNet
+experts on 16² patches.
 
 Tree [1, 3, 5] with ep sizes [1, 4, 4] on 4 ranks (slots [1, 4, 8]), [1, 2, 2] on 2 (slots [1, 4, 6]) and
 [1, 3, 3] on 3 (slots [1, 3, 6]): every elastic step changes the padded slot counts, which DeepSpeed's own
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -21,7 +23,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_train_spine import finish, launch, losses, wait_for_step  # noqa: E402
+from test_train_spine import REPO, finish, free_port, launch, losses, wait_for_step  # noqa: E402
 
 from unirestorer.train.weights import expert_files_by_node, read_checkpoint  # noqa: E402
 
@@ -136,3 +138,41 @@ def test_elastic_four_to_two_to_four_and_three(setup, reference, tmp_path):
         assert f"written by 2 ranks, this run has {ranks}" in log and slots in log
         after = node_weights(out / "ck")
         assert sorted(after) == list(range(9)) and all(same(saved[n], after[n]) for n in after), ranks
+
+
+def test_export_of_a_load_balanced_placement(reference, tmp_path):
+    """The 4-rank run placed its experts by load (slot order != node order): the bundle still holds each node's
+    own weights, found through the checkpoint's slot table."""
+    from unirestorer.model.unirestorer import UniRestorer
+    from unirestorer.train.export import export
+
+    ck = read_checkpoint(reference / "ck")
+    table = ck.dense["tree_moe.slot_nodes"]
+    assert table[2].tolist() != [4, 5, 6, 7, 8, -1, -1, -1]  # the skewed tree was bin-packed
+    export(reference / "ck", tmp_path / "bundle")
+    model = UniRestorer.load_bundle(tmp_path / "bundle")
+    for node, weights in node_weights(reference / "ck").items():
+        assert same(model.expert(node).state_dict(), weights), node
+
+
+def test_two_node_launch_equals_one_node(setup, reference, tmp_path):
+    """What a hostfile launch runs on each node: launch/deepspeed_multi_node.sh with NODE_RANK 0 and 1 (deepspeed
+    --no_ssh --node_rank, one master address), 2 ranks per "node", both on this machine. The same 4-rank run as
+    the one-node reference: every loss and the final weights bit for bit."""
+    (tmp_path / "hostfile").write_text("node-a slots=2\nnode-b slots=2\n")
+    env = {**os.environ, "PATH": f"{os.environ['PATH']}:{REPO / '.venv' / 'bin'}", "DS_ACCELERATOR": "cpu",
+           "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    args = experts_args(setup, tmp_path, 4, "--max-steps", "4", "--ckpt-every", "2")
+    procs = []
+    for node in (0, 1):
+        log = (tmp_path / f"node{node}.log").open("w")
+        procs.append(subprocess.Popen([str(REPO / "launch" / "deepspeed_multi_node.sh"), str(tmp_path / "hostfile"),
+                                       *args], env={**env, "NODE_RANK": str(node)}, cwd=tmp_path, stdout=log,
+                                      stderr=subprocess.STDOUT, start_new_session=True))
+    codes = [p.wait(timeout=400) for p in procs]
+    logs = [(tmp_path / f"node{node}.log").read_text() for node in (0, 1)]
+    assert codes == [0, 0], "\n".join(log[-3000:] for log in logs)
+    assert "nnodes=2, num_local_procs=2, node_rank=1" in logs[1] and "[config] stage experts, 4 ranks" in logs[0]
+    assert losses(tmp_path) == losses(reference)
+    a, b = node_weights(reference / "ck"), node_weights(tmp_path / "ck")
+    assert all(same(a[n], b[n]) for n in a)

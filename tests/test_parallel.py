@@ -110,6 +110,7 @@ def test_four_ranks_two_communicating_exchanges(cpu_deepspeed):
         # every node on exactly its ep position's ranks: level 2 of [1, 2, 4] lives once on each quarter
         held = [set(r["nodes"]) for r in ranks]
         assert all(0 in h for h in held) and set.union(*held) == set(range(10)), name
+        assert all(r["slot_nodes"] == ranks[0]["slot_nodes"] for r in ranks), name  # one layout on every rank
     assert [r["nodes"] for r in results["ep124_zero2"]] == [[0, 1, 2, 4, 5], [0, 3, 6, 7], [0, 1, 2, 8, 9], [0, 3]]
     assert [r["nodes"] for r in results["ep142_zero1"]] == [[0, 1, 4, 5, 6], [0, 2, 7, 8, 9], [0, 3, 4, 5, 6], [0, 7, 8, 9]]
     balanced = results["ep144_zero2_balanced"][0]
@@ -131,6 +132,32 @@ def test_placement_report_seven_experts_on_two_ranks():
     # skewed clusters move the load: node 7 (on rank 1) holds most images
     loads = placement.expected_load([10, 1, 1, 1, 1, 1, 1, 10])
     assert loads[1] > loads[0]
+
+
+def test_skewed_clusters_are_placed_by_expected_load():
+    """[1, 7, 19] on 8 ranks (ep [1, 8, 4]): leaves 0-4 (position 0 in node order) hold most images. Node order
+    then skews past 1.3x, so the slots are bin-packed by load: same ep sizes and slot counts, every node once,
+    deterministic, lower skew. Near-even clusters keep node order (file layout unchanged)."""
+    sizes = [1000] + [100] * 7 + [200] * 5 + [20] * 14
+    plain, packed = plan_placement([1, 7, 19], 8), plan_placement([1, 7, 19], 8, cluster_sizes=sizes)
+    assert plain.skew(sizes) > 1.3 and not plain.balanced
+    assert packed.balanced and packed.skew(sizes) < 1.2 < 1.3 < plain.skew(sizes)
+    assert packed == plan_placement([1, 7, 19], 8, cluster_sizes=list(sizes))  # what every rank computes
+    for lv, ref in zip(packed.levels, plain.levels):
+        assert (lv.ep_size, lv.num_slots) == (ref.ep_size, ref.num_slots)
+        assert sorted(n for n in lv.slot_nodes if n >= 0) == list(range(lv.first_node, lv.first_node + lv.num_nodes))
+        for node in range(lv.first_node, lv.first_node + lv.num_nodes):
+            assert node in lv.nodes_on(lv.position_of(node)) and lv.slot_nodes[lv.slot_of(node)] == node
+    # the heavy leaves 8..12 now sit on different positions of level 2 (5 slots each)
+    assert len({packed.levels[2].position_of(n) for n in range(8, 13)}) == 4
+    assert packed.skew(sizes) == pytest.approx(max(packed.expected_load(sizes)))
+    assert "by expected load (greedy bin packing)" in packed.report([1] * 27, sizes)
+    assert "skew: the busiest rank does" in packed.report([1] * 27, sizes)
+    even = [1000] + [100] * 7 + [37] * 19
+    assert not plan_placement([1, 7, 19], 8, cluster_sizes=even).balanced
+    assert plan_placement([1, 7, 19], 8, cluster_sizes=even).levels == plain.levels
+    with pytest.raises(ValueError, match="cluster_sizes has 3 entries, the tree has 27 nodes"):
+        plan_placement([1, 7, 19], 8, cluster_sizes=[1, 2, 3])
 
 
 def test_placement_rejects_bad_sizes():
