@@ -176,18 +176,16 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str)
         timing = torch.tensor([statistics.median(ep_times), statistics.median(dp_times), statistics.median(shares)],
                               device=device)
         dist.all_reduce(timing, op=dist.ReduceOp.MAX)  # a step lasts as long as its slowest rank
-        # images this rank's experts ran in the last step: with the idle probes, and without them
-        rows = torch.tensor([float(counted[0]), float(ep_layer.rows_computed)], device=device)
+        real = ep_layer.rows_per_rank()  # images each rank's experts ran in the last ep step, no probes
+        rows = torch.tensor([float(counted[0])], device=device)  # the same with the idle probes
         rows_all = [torch.zeros_like(rows) for _ in range(world)]
         dist.all_gather(rows_all, rows)
-        real = torch.stack(rows_all)[:, 1]
-        result[f"rank_image_skew{'' if kind == 'balanced' else '_skewed'}"] = float(real.max() / real.mean())
-        rows_all = [r[:1] for r in rows_all]
         suffix = "" if kind == "balanced" else "_skewed"
         result[f"step_s_ep{suffix}"], result[f"step_s_dp{suffix}"] = float(timing[0]), float(timing[1])
         result[f"overhead_ratio{suffix}"] = float(timing[0] / timing[1])
         result[f"a2a_share{suffix}"] = float(timing[2])
         result[f"expert_images_per_rank{suffix}"] = [int(r) for r in rows_all]
+        result[f"rank_image_skew{suffix}"] = max(real) / (sum(real) / world)
         if kind == "skewed":  # an expert without images runs one blank 16x16 probe (see tree_moe)
             result["useful_fraction_skewed"] = world * ids.numel() / float(sum(rows_all))
     if rank == 0:

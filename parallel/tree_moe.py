@@ -126,6 +126,14 @@ class TreeMoE(nn.Module):
         """All-to-all pairs per forward that cross ranks (one per distinct ep_size > 1)."""
         return sum(1 for ex in self._exchanges if ex.ep_size > 1)
 
+    def rows_per_rank(self) -> list[int]:
+        """Collective: images each rank's experts ran in the last forward (idle probes not counted)."""
+        rows = torch.zeros(self.placement.world_size, dtype=torch.long, device=self.slot_nodes.device)
+        rows[self.rank] = self.rows_computed
+        if self.placement.world_size > 1:
+            dist.all_reduce(rows)
+        return rows.tolist()
+
     def local_nodes(self) -> list[int]:
         return self.placement.nodes_on_rank(self.rank)
 

@@ -199,16 +199,6 @@ def validate_psnr(engine: Any, tree: DegradationTree, stream: Iterable[dict],
     return out
 
 
-def rank_compute(tree_moe: TreeMoE, device: torch.device) -> dict[str, float]:
-    """Images each rank's experts ran in the last forward, and their skew (max / mean): load balance, DESIGN §3."""
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    rows = torch.zeros(world, dtype=torch.float64, device=device)
-    rows[tree_moe.rank] = tree_moe.rows_computed
-    rows = all_sum(rows).cpu()
-    return {**{f"compute/rank{r}_images": float(v) for r, v in enumerate(rows)},
-            "compute/skew": float(rows.max() / rows.mean().clamp_min(1e-9))}
-
-
 def set_task(spec: str) -> str | None:
     """Task of a shard set = the task in the JSON of its first shard's first sample (never unpickles)."""
     with tarfile.open(expand_source(spec)[0]) as tar:
@@ -356,7 +346,9 @@ class ExpertsStage:
         sums = all_sum(sums.to(per.device)).cpu()
         loss_sum, count = sums[:n], sums[n:]
         self.seen += count
-        out = {"a2a_time_share": share, **rank_compute(self.engine.module.tree_moe, per.device)}
+        rows = self.engine.module.tree_moe.rows_per_rank()  # load balance: images each rank's experts ran
+        out = {"a2a_time_share": share, "compute/skew": max(rows) / max(sum(rows) / len(rows), 1e-9),
+               **{f"compute/rank{r}_images": float(v) for r, v in enumerate(rows)}}
         for i, level in enumerate(levels):
             lo, hi = self.tree.level_starts[level], self.tree.level_starts[level] + self.tree.level_sizes[level]
             out[f"loss/level{level}"] = float(loss_sum[lo:hi].sum() / count[lo:hi].sum().clamp_min(1))
