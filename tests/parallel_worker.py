@@ -87,7 +87,7 @@ def main(cases_file: str, out_dir: str) -> None:
 
 
 def run_case(rank: int, world: int, case: dict, out_file: Path) -> None:
-    from unirestorer.parallel.tree_moe import TreeMoE, expected_checkpoint_files, initialize
+    from unirestorer.parallel.tree_moe import TreeMoE, initialize
 
     levels, size, sizes = case["level_sizes"], case["size"], case.get("cluster_sizes")
     config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
@@ -130,23 +130,33 @@ def run_case(rank: int, world: int, case: dict, out_file: Path) -> None:
                 errors[f"step{s}_output"] = max_err(out, reference_outputs(ref, images, ids))
         errors[f"step{s}_shape_ok"] = float(tuple(out.shape) != (*ids.shape, 3, size, size))
 
-    # Checkpoint: save, load into an engine built from other weights, compare bit for bit.
+    if case.get("ckpt", True):
+        errors.update(checkpoint_round_trip(engine, case, rank, world, config, sgd))
+    out_file.write_text(json.dumps({"errors": errors, "balanced": layer.placement.balanced,
+                                    "slot_nodes": layer.slot_nodes.tolist(), "nodes": layer.local_nodes()}))
+    torch.distributed.barrier()
+
+
+def checkpoint_round_trip(engine, case: dict, rank: int, world: int, config: dict, sgd) -> dict[str, float]:
+    """Save, load into an engine built from other weights, compare bit for bit."""
+    from unirestorer.parallel.tree_moe import TreeMoE, expected_checkpoint_files, initialize
+
+    levels, layer = case["level_sizes"], engine.module
     ckpt = Path(case["ckpt_dir"])
     engine.save_checkpoint(str(ckpt), tag="t")
     torch.distributed.barrier()
     saved = set(os.listdir(ckpt / "t"))
-    errors["ckpt_missing_files"] = float(len(set(expected_checkpoint_files(layer.placement)) - saved))
-    other = initialize(TreeMoE(make_factory(seed=2), levels, case.get("ep_sizes"), cluster_sizes=sizes), config, sgd)
+    errors = {"ckpt_missing_files": float(len(set(expected_checkpoint_files(layer.placement)) - saved))}
+    other = initialize(TreeMoE(make_factory(seed=2), levels, case.get("ep_sizes"), cluster_sizes=case.get("cluster_sizes")),
+                       config, sgd)
     other.load_checkpoint(str(ckpt), tag="t")
     mine, theirs = engine.module.state_dict(), other.module.state_dict()
     errors["ckpt_keys_differ"] = float(mine.keys() != theirs.keys())
     errors["ckpt_not_bit_exact"] = float(sum(not torch.equal(mine[k], theirs[k]) for k in mine))
-    images, ids = make_step(case["steps"][0], levels, world, size)[rank]
+    images, ids = make_step(case["steps"][0], levels, world, case["size"])[rank]
     with torch.no_grad():
         errors["ckpt_forward_not_equal"] = float(not torch.equal(engine(images, ids), other(images, ids)))
-    out_file.write_text(json.dumps({"errors": errors, "balanced": layer.placement.balanced,
-                                    "slot_nodes": layer.slot_nodes.tolist(), "nodes": layer.local_nodes()}))
-    torch.distributed.barrier()
+    return errors
 
 
 if __name__ == "__main__":

@@ -93,7 +93,7 @@ def test_four_ranks_two_communicating_exchanges(cpu_deepspeed):
     """4 ranks, levels [1, 3, 6]: ep [1, 2, 4] (ZeRO-2) and [1, 4, 2] (ZeRO-1) put two different groups in one
     step, [1, 4, 4] (ZeRO-2) shares one, placed by expected load (skewed cluster sizes). Idle padding slots in
     every case, nodes no image reaches, uneven batches with empty ranks, k = 3 and k = 1, no_grad; then the
-    checkpoint round trip."""
+    checkpoint round trip (the two ZeRO-2 cases)."""
     idle = {"seed": 0, "k": 3, "batch": [3, 1, 0, 2], "grad": True, "idle": [3, 9]}
     steps = [idle, {"seed": 1, "k": 1, "batch": [0, 2, 1, 3], "grad": True, "idle": [1, 5]},
              {"seed": 2, "k": 1, "batch": [1, 0, 2, 1], "grad": False, "idle": []}]
@@ -101,16 +101,18 @@ def test_four_ranks_two_communicating_exchanges(cpu_deepspeed):
     skewed = [100, 60, 30, 10, 50, 40, 5, 2, 2, 1]
     results = run_launcher({
         "ep124_zero2": {**base, "ep_sizes": [1, 2, 4], "zero": 2},
-        "ep142_zero1": {**base, "ep_sizes": [1, 4, 2], "zero": 1, "steps": [{**idle, "batch": [0, 0, 3, 1]}, *steps[1:]]},
+        "ep142_zero1": {**base, "ep_sizes": [1, 4, 2], "zero": 1, "ckpt": False,
+                        "steps": [{**idle, "batch": [0, 0, 3, 1]}, *steps[1:]]},
         "ep144_zero2_balanced": {**base, "ep_sizes": [1, 4, 4], "zero": 2, "cluster_sizes": skewed, "steps": steps[:2]},
     }, cpu_deepspeed)
     for name, ranks in results.items():
-        assert set(ranks[0]["errors"]) >= {"step0_params", "step1_input_grad", "step1_output", "ckpt_not_bit_exact"}
+        assert set(ranks[0]["errors"]) >= {"step0_params", "step1_input_grad", "step1_output"}
         assert_all_match([r["errors"] for r in ranks])
         # every node on exactly its ep position's ranks: level 2 of [1, 2, 4] lives once on each quarter
         held = [set(r["nodes"]) for r in ranks]
         assert all(0 in h for h in held) and set.union(*held) == set(range(10)), name
         assert all(r["slot_nodes"] == ranks[0]["slot_nodes"] for r in ranks), name  # one layout on every rank
+    assert all("ckpt_not_bit_exact" in results[name][0]["errors"] for name in ("ep124_zero2", "ep144_zero2_balanced"))
     assert [r["nodes"] for r in results["ep124_zero2"]] == [[0, 1, 2, 4, 5], [0, 3, 6, 7], [0, 1, 2, 8, 9], [0, 3]]
     assert [r["nodes"] for r in results["ep142_zero1"]] == [[0, 1, 4, 5, 6], [0, 2, 7, 8, 9], [0, 3, 4, 5, 6], [0, 7, 8, 9]]
     balanced = results["ep144_zero2_balanced"][0]
