@@ -200,3 +200,23 @@ def test_single_process_layer_matches_its_experts():
     with pytest.raises(ValueError, match=r"node ids must lie in \[0, 3\)"):
         layer(images, torch.tensor([[3], [0]]))
     assert "rank 0: nodes [0, 1, 2] (+0 idle)" in layer.placement_report(factory)
+
+
+def test_expert_files_by_node_follows_the_saved_slot_table():
+    """A checkpoint's slot table maps nodes to per-expert files (layer, slot); without one: node order."""
+    import torch
+
+    from unirestorer.train.checkpoint import CheckpointError
+    from unirestorer.train.weights import Checkpoint, expert_files_by_node
+
+    table = torch.tensor([[0, -1, -1, -1], [2, -1, 1, -1]])  # level 1 placed by load: node 2 in slot 0
+    experts = {(0, 0): {}, (1, 0): {}, (1, 1): {}, (1, 2): {}, (1, 3): {}}
+    ck = Checkpoint(Path("ck"), {"tree_moe.slot_nodes": table}, experts, {}, {}, 1)
+    assert expert_files_by_node(ck, [1, 2]) == {0: (0, 0), 1: (1, 2), 2: (1, 0)}
+    assert expert_files_by_node(Checkpoint(Path("ck"), {}, experts, {}, {}, 1), [1, 2]) == {0: (0, 0), 1: (1, 0),
+                                                                                           2: (1, 1)}
+    del experts[(1, 2)]
+    with pytest.raises(CheckpointError, match=r"no per-expert file for tree node\(s\) \[1\].*layer_1_expert_2"):
+        expert_files_by_node(ck, [1, 2])
+    with pytest.raises(CheckpointError, match="the tree has 3 levels: not a checkpoint of this tree"):
+        expert_files_by_node(ck, [1, 2, 4])
