@@ -19,7 +19,8 @@ from torch import nn
 
 from unirestorer.parallel.tree_moe import TreeMoE
 from unirestorer.train.checkpoint import CheckpointError, ResumePoint
-from unirestorer.train.weights import EXPERT_KEY_RE, SLOT_TABLE, expert_files_by_node, read_checkpoint
+from unirestorer.train.weights import (EXPERT_KEY_RE, SLOT_TABLE, expert_file_paths, expert_files_by_node,
+                                       read_checkpoint, read_expert_file)
 
 
 def _trees(module: nn.Module) -> list[tuple[str, TreeMoE]]:
@@ -39,7 +40,8 @@ def layout_matches(module: nn.Module, point: ResumePoint) -> bool:
 def load_replaced(engine: Any, point: ResumePoint, rank: int, world: int) -> dict[str, Any]:
     """Collective-free: this rank's weights from checkpoint `point`, experts re-placed by tree node; returns the
     client state. Prints the one line that says what happened (rank 0)."""
-    ckpt = read_checkpoint(point.path)
+    ckpt = read_checkpoint(point.path, experts=False)  # each rank reads only the expert files it places
+    on_disk = expert_file_paths(ckpt.path)
     module: nn.Module = engine.module
     trees = _trees(module)
     # the TreeMoE's own entries (slot table, DeepSpeed's unused gate sized by the slot count) follow the layout
@@ -57,14 +59,15 @@ def load_replaced(engine: Any, point: ResumePoint, rank: int, world: int) -> dic
     moved, layouts = 0, []
     for prefix, tree in trees:
         base = layer_of[id(tree.levels[0])]
-        files = expert_files_by_node(ckpt, [lv.num_nodes for lv in tree.placement.levels], prefix, base)
+        files = expert_files_by_node(ckpt, [lv.num_nodes for lv in tree.placement.levels], prefix, base, on_disk)
         for node in tree.local_nodes():
+            weights, _ = read_expert_file(on_disk[files[node]], files[node])
             try:
-                tree.local_module(node).load_state_dict(ckpt.experts[files[node]])
+                tree.local_module(node).load_state_dict(weights)
             except RuntimeError as err:
                 raise CheckpointError(f"{ckpt.path}: the expert file of tree node {node} does not fit: {err}") from None
         moved += tree.placement.num_nodes
-        before = [sum(1 for layer, _ in ckpt.experts if layer == base + lv.level) for lv in tree.placement.levels]
+        before = [sum(1 for layer, _ in on_disk if layer == base + lv.level) for lv in tree.placement.levels]
         layouts.append(f"{before} -> {[lv.num_slots for lv in tree.placement.levels]}")
     refresh = getattr(engine.optimizer, "refresh_fp32_params", None)
     if refresh is not None:  # ZeRO / bf16 master copies: take the loaded weights there too

@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import torch
 from torch import nn
@@ -89,21 +89,26 @@ def read_checkpoint(path: str | Path, experts: bool = True) -> Checkpoint:
     meta = {k: v for k, v in raw.items() if k in DS_KEYS and k != "module" and isinstance(v, (int, str, float))}
     found: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
     prefixes: dict[tuple[int, int], str] = {}
-    for f in sorted(p.iterdir()) if experts else []:
-        m = EXPERT_RE.match(f.name)
-        if not m:
-            continue
-        key = (int(m[1]), int(m[2]))
-        state = _load(f)
-        local, prefix = {}, None
-        for name, tensor in state.items():
-            km = EXPERT_KEY_RE.match(name)
-            if km is None or int(km[2]) != key[1] or prefix not in (None, km[1]):
-                raise CheckpointError(f"{f}: key {name!r} is not a parameter of expert {key[1]}")
-            prefix, local[km[3]] = km[1], tensor
-        found[key], prefixes[key] = local, prefix or ""
+    for key, f in expert_file_paths(p).items() if experts else []:
+        found[key], prefixes[key] = read_expert_file(f, key)
     step = int(client.get("step", raw.get("global_steps", -1)))
     return Checkpoint(p, dict(raw["module"]), found, prefixes, client, step, meta)
+
+
+def expert_file_paths(step: Path) -> dict[tuple[int, int], Path]:
+    """(MoE layer, global expert id) -> its per-expert file in step folder `step`."""
+    return {(int(m[1]), int(m[2])): f for f in sorted(step.iterdir()) if (m := EXPERT_RE.match(f.name))}
+
+
+def read_expert_file(f: Path, key: tuple[int, int]) -> tuple[dict[str, torch.Tensor], str]:
+    """One per-expert file: the expert's own keys (module path stripped) and the path they were stored under."""
+    local, prefix = {}, None
+    for name, tensor in _load(f).items():
+        km = EXPERT_KEY_RE.match(name)
+        if km is None or int(km[2]) != key[1] or prefix not in (None, km[1]):
+            raise CheckpointError(f"{f}: key {name!r} is not a parameter of expert {key[1]}")
+        prefix, local[km[3]] = km[1], tensor
+    return local, prefix or ""
 
 
 def load_submodule(module: nn.Module, dense: dict[str, torch.Tensor], prefix: str, strict: bool = True) -> None:
@@ -124,12 +129,15 @@ SLOT_TABLE = "slot_nodes"  # TreeMoE's buffer: node id per (level, slot), -1 idl
 
 
 def expert_files_by_node(ckpt: Checkpoint, level_sizes: Sequence[int], prefix: str = "tree_moe.",
-                         layer_offset: int = 0) -> dict[int, tuple[int, int]]:
+                         layer_offset: int = 0, available: Collection[tuple[int, int]] | None = None
+                         ) -> dict[int, tuple[int, int]]:
     """Tree node -> (MoE layer, slot) of its per-expert file in `ckpt`, for the TreeMoE stored under `prefix`.
 
     Read from the TreeMoE's saved slot table; a checkpoint without one (written before it existed) is in
-    node order. Every node must have its file, or the error names the ones that do not.
+    node order. Every node must have its file among `available` (default: the experts read into `ckpt`),
+    or the error names the ones that do not.
     """
+    available = ckpt.experts if available is None else available
     table = ckpt.dense.get(prefix + SLOT_TABLE)
     files: dict[int, tuple[int, int]] = {}
     if table is None:
@@ -143,7 +151,7 @@ def expert_files_by_node(ckpt: Checkpoint, level_sizes: Sequence[int], prefix: s
                                   f"{len(level_sizes)} levels: not a checkpoint of this tree")
         for level, row in enumerate(table.tolist()):
             files.update({int(node): (layer_offset + level, slot) for slot, node in enumerate(row) if node >= 0})
-    missing = [n for n in range(sum(level_sizes)) if files.get(n) not in ckpt.experts]
+    missing = [n for n in range(sum(level_sizes)) if files.get(n) not in available]
     if missing:
         raise CheckpointError(f"{ckpt.path}: no per-expert file for tree node(s) {missing} (wanted "
                               f"{['layer_%d_expert_%d' % files[n] if n in files else 'none' for n in missing][:8]}): "
