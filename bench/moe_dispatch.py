@@ -1,6 +1,7 @@
 """Benchmark the dropless expert-parallel dispatch against DeepSpeed's stock MoE and plain DP.
 
     python bench/moe_dispatch.py --ranks 2 --json
+    python bench/moe_dispatch.py --ranks 4 --ep-sizes 1 2 4 --json    # two communicating exchanges
 
 Spawns `--ranks` processes (NCCL + bf16 autocast when that many GPUs exist, else gloo on CPU) and
 measures in one run, for a tree of tiny NAFNet experts trained on their oracle paths (k = levels):
@@ -10,7 +11,9 @@ measures in one run, for a tree of tiny NAFNet experts trained on their oracle p
 - max_abs_err: our outputs vs every expert run in one process,
 - overhead_ratio: expert-parallel training step time / the same step with every expert replicated on
   every rank (plain data parallel, no all-to-all), same images per rank; balanced and skewed routes,
-- a2a_share: fraction of the expert-parallel step spent in the exchanges.
+- a2a_share: fraction of the expert-parallel step spent in the exchanges,
+- communicating_exchanges: all-to-all pairs per step that cross ranks (distinct ep sizes > 1),
+- rank_image_skew: images the busiest rank's experts ran / the mean rank's (probes not counted).
 """
 
 from __future__ import annotations
@@ -113,7 +116,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str)
     config = {"train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
               "zero_optimization": {"stage": 1}, "zero_allow_untested_optimizer": True, "steps_per_print": 10 ** 9}
     adamw = lambda groups: torch.optim.AdamW(groups, lr=1e-4)  # noqa: E731
-    ep_layer = TreeMoE(factory, levels).to(device)
+    ep_layer = TreeMoE(factory, levels, args.ep_sizes).to(device)
     dp_layer = TreeMoE(factory, levels, ep_sizes=[1] * len(levels)).to(device)
     counted = [0]
     for n in ep_layer.local_nodes():
@@ -153,6 +156,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str)
 
     result = {"ranks": world, "backend": dist.get_backend(), "device": str(device.type), "dtype": "bf16" if gpu else "fp32",
               "image_size": size, "images_per_rank": batch, "levels": levels, "ep_sizes": ep_sizes,
+              "communicating_exchanges": ep_layer.communicating_exchanges,
               "useful_fraction": float(totals[0] / totals[1]),
               "padded_fraction_deepspeed": float(totals[0] / totals[2]),
               "padded_fraction_deepspeed_random": float(totals[0] / totals[3]),
@@ -172,7 +176,8 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str)
         timing = torch.tensor([statistics.median(ep_times), statistics.median(dp_times), statistics.median(shares)],
                               device=device)
         dist.all_reduce(timing, op=dist.ReduceOp.MAX)  # a step lasts as long as its slowest rank
-        rows = torch.tensor([float(counted[0])], device=device)  # images this rank's experts ran (+ probes)
+        real = ep_layer.rows_per_rank()  # images each rank's experts ran in the last ep step, no probes
+        rows = torch.tensor([float(counted[0])], device=device)  # the same with the idle probes
         rows_all = [torch.zeros_like(rows) for _ in range(world)]
         dist.all_gather(rows_all, rows)
         suffix = "" if kind == "balanced" else "_skewed"
@@ -180,6 +185,7 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str)
         result[f"overhead_ratio{suffix}"] = float(timing[0] / timing[1])
         result[f"a2a_share{suffix}"] = float(timing[2])
         result[f"expert_images_per_rank{suffix}"] = [int(r) for r in rows_all]
+        result[f"rank_image_skew{suffix}"] = max(real) / (sum(real) / world)
         if kind == "skewed":  # an expert without images runs one blank 16x16 probe (see tree_moe)
             result["useful_fraction_skewed"] = world * ids.numel() / float(sum(rows_all))
     if rank == 0:
@@ -191,6 +197,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--ep-sizes", type=int, nargs="+", default=None, help="per level (default: auto)")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=8, help="images per rank")
     parser.add_argument("--steps", type=int, default=6)

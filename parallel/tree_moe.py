@@ -23,7 +23,7 @@ from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optim
 from torch import Tensor, nn
 
 from .dispatch import all_to_all_v, exchange_counts
-from .placement import LevelPlacement, Placement, plan_placement
+from .placement import IDLE, LevelPlacement, Placement, plan_placement
 
 ExpertFactory = Callable[[int], nn.Module]
 IDLE_PROBE = 16  # side of the blank image an idle expert runs on, unless it has a `multiple` (its smallest input)
@@ -66,16 +66,22 @@ class TreeMoE(nn.Module):
     """All experts of a degradation tree, placed over ranks, called with per-image routes.
 
     `factory(node_id)` builds the expert of a tree node (global breadth-first id). Only the experts
-    placed on this rank are built. Construct after `deepspeed.init_distributed` and wrap with
-    `initialize` (or `deepspeed.initialize`), which creates the process groups.
+    placed on this rank are built. With `cluster_sizes` (training images per node) a skewed placement
+    is balanced by expected load (parallel/placement.py). Construct after `deepspeed.init_distributed`
+    and wrap with `initialize` (or `deepspeed.initialize`), which creates the process groups.
+
+    The buffer `slot_nodes` (`[levels, max slots]`, node id per slot, -1 idle or absent) goes into the
+    dense checkpoint file, so every checkpoint says which node each per-expert file holds.
     """
 
     def __init__(self, factory: ExpertFactory, level_sizes: Sequence[int],
-                 ep_sizes: Sequence[int] | None = None) -> None:
+                 ep_sizes: Sequence[int] | None = None, cluster_sizes: Sequence[float] | None = None) -> None:
         super().__init__()
         distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if distributed else 0
-        self.placement: Placement = plan_placement(level_sizes, dist.get_world_size() if distributed else 1, ep_sizes)
+        self.placement: Placement = plan_placement(level_sizes, dist.get_world_size() if distributed else 1,
+                                                   ep_sizes, cluster_sizes=cluster_sizes)
+        self.register_buffer("slot_nodes", slot_table(self.placement))
         self.levels = nn.ModuleList(self._build_level(lv, factory) for lv in self.placement.levels)
         self._exchanges = [
             _Exchange(ep, [lv.level for lv in self.placement.levels if lv.ep_size == ep], [])
@@ -88,21 +94,23 @@ class TreeMoE(nn.Module):
             for level in ex.levels:
                 lv = self.placement.levels[level]
                 ex.modules.extend(self._slots(level))
-                for slot in range(lv.num_nodes):
-                    exchange_of.append((lv.first_node + slot, ex_id))
-                    dest.append((lv.first_node + slot, slot // lv.local_slots))
-                    local.append((lv.first_node + slot, offset + slot % lv.local_slots))
+                for slot, node in enumerate(lv.slot_nodes):
+                    if node != IDLE:
+                        exchange_of.append((node, ex_id))
+                        dest.append((node, slot // lv.local_slots))
+                        local.append((node, offset + slot % lv.local_slots))
                 offset += lv.local_slots
         self._exchange_of, self._dest, self._local = (
             torch.tensor([v for _, v in sorted(table)]) for table in (exchange_of, dest, local))
         self._checked_groups = False
+        self.rows_computed = 0  # images run by this rank's experts in the last forward (load balance logs)
 
     def _build_level(self, lv: LevelPlacement, factory: ExpertFactory) -> MoE:
         # hidden_size 1 keeps DeepSpeed's unused gate tiny; it is frozen since routes come from the tree.
         moe = MoE(hidden_size=1, expert=nn.Identity(), num_experts=lv.num_slots, ep_size=lv.ep_size,
                   min_capacity=0, drop_tokens=False, use_rts=False)
         moe.deepspeed_moe.gate.wg.weight.requires_grad_(False)
-        slots = [factory(lv.first_node + s) if s < lv.num_nodes else IdleSlot()
+        slots = [factory(lv.slot_nodes[s]) if lv.slot_nodes[s] != IDLE else IdleSlot()
                  for s in lv.slots_on(self.rank % lv.ep_size)]
         for module in slots:
             for param in module.parameters():
@@ -113,6 +121,19 @@ class TreeMoE(nn.Module):
     def _slots(self, level: int) -> list[nn.Module]:
         return list(self.levels[level].deepspeed_moe.experts.deepspeed_experts)
 
+    @property
+    def communicating_exchanges(self) -> int:
+        """All-to-all pairs per forward that cross ranks (one per distinct ep_size > 1)."""
+        return sum(1 for ex in self._exchanges if ex.ep_size > 1)
+
+    def rows_per_rank(self) -> list[int]:
+        """Collective: images each rank's experts ran in the last forward (idle probes not counted)."""
+        rows = torch.zeros(self.placement.world_size, dtype=torch.long, device=self.slot_nodes.device)
+        rows[self.rank] = self.rows_computed
+        if self.placement.world_size > 1:
+            dist.all_reduce(rows)
+        return rows.tolist()
+
     def local_nodes(self) -> list[int]:
         return self.placement.nodes_on_rank(self.rank)
 
@@ -120,7 +141,7 @@ class TreeMoE(nn.Module):
         """The expert of `node`, which must be placed on this rank."""
         level = self.placement.level_of_node()[node]
         lv = self.placement.levels[level]
-        slot = node - lv.first_node
+        slot = lv.slot_of(node)
         if slot not in lv.slots_on(self.rank % lv.ep_size):
             raise KeyError(f"node {node} is not placed on rank {self.rank}")
         return self._slots(level)[slot % lv.local_slots]
@@ -158,6 +179,7 @@ class TreeMoE(nn.Module):
             raise ValueError(f"node ids must lie in [0, {self.placement.num_nodes}), got {flat.unique().tolist()}")
         batch, k = node_ids.shape
         source = torch.arange(batch).repeat_interleave(k)
+        self.rows_computed = 0
         pieces, picked, token = [], [], None
         for ex_id, ex in enumerate(self._exchanges):
             sel = (self._exchange_of[flat] == ex_id).nonzero().squeeze(1)
@@ -182,6 +204,7 @@ class TreeMoE(nn.Module):
         counts = torch.bincount(key, minlength=peers * width).view(peers, width)
         recv_counts, row_shape = exchange_counts(counts, images.shape[1:], group)
         received = all_to_all_v(send, counts.sum(1), recv_counts.sum(1), row_shape, group)
+        self.rows_computed += int(recv_counts.sum())
 
         # Received rows come grouped by sender, then by local module; regroup by module and run.
         labels = torch.arange(width).repeat(peers).repeat_interleave(recv_counts.flatten())
@@ -206,6 +229,14 @@ class TreeMoE(nn.Module):
         if group is not None and back.requires_grad:
             token = back.sum()
         return back[_inverse(order).to(back.device, non_blocking=True)], token
+
+
+def slot_table(placement: Placement) -> Tensor:
+    """`[levels, max slots]` node id per slot (-1: idle padding, or past the level's slots)."""
+    table = torch.full((len(placement.levels), max(lv.num_slots for lv in placement.levels)), IDLE, dtype=torch.long)
+    for lv in placement.levels:
+        table[lv.level, : lv.num_slots] = torch.tensor(lv.slot_nodes)
+    return table
 
 
 def moe_param_groups(model: nn.Module, **options: Any) -> list[dict]:

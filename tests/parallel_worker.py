@@ -3,7 +3,8 @@
 Every rank builds the same global data (all ranks' images and routes from shared seeds) and a
 single-process reference holding every expert; it checks its own outputs, input gradients and the
 parameters of its own experts after each `engine.step()` (SGD lr 1, so update = -gradient), then
-saves and reloads a DeepSpeed checkpoint. Errors go to `<out_dir>/rank<r>.json` for the test to judge.
+saves and reloads a DeepSpeed checkpoint. Errors go to a JSON file per rank for the test to judge.
+Started by torch.multiprocessing (`run`, one case) or by the `deepspeed` launcher (`main`, many cases).
 """
 
 from __future__ import annotations
@@ -62,20 +63,39 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def run(rank: int, world: int, port: int, case: dict, out_dir: str) -> None:
+    """One case on `world` ranks started by torch.multiprocessing."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     import deepspeed
-    from unirestorer.parallel.tree_moe import TreeMoE, expected_checkpoint_files, initialize
 
     deepspeed.init_distributed(dist_backend="gloo")
-    levels, size = case["level_sizes"], case["size"]
+    run_case(rank, world, case, Path(out_dir, f"rank{rank}.json"))
+
+
+def main(cases_file: str, out_dir: str) -> None:
+    """Several cases in one process group, one rank as started by the `deepspeed` launcher (ranks from the
+    environment); each case writes `<out_dir>/<name>_rank<r>.json`."""
+    torch.set_num_threads(1)
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    for name, case in json.loads(Path(cases_file).read_text()).items():
+        run_case(rank, world, {**case, "ckpt_dir": str(Path(out_dir, f"ckpt_{name}"))},
+                 Path(out_dir, f"{name}_rank{rank}.json"))
+
+
+def run_case(rank: int, world: int, case: dict, out_file: Path) -> None:
+    from unirestorer.parallel.tree_moe import TreeMoE, initialize
+
+    levels, size, sizes = case["level_sizes"], case["size"], case.get("cluster_sizes")
     config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
               "zero_optimization": {"stage": case["zero"]}, "zero_allow_untested_optimizer": True,
               "steps_per_print": 10 ** 9}
     sgd = lambda groups: torch.optim.SGD(groups, lr=LR)  # noqa: E731
     factory = make_factory(seed=1)
-    layer = TreeMoE(factory, levels, case.get("ep_sizes"))
+    layer = TreeMoE(factory, levels, case.get("ep_sizes"), cluster_sizes=sizes)
     engine = initialize(layer, config, sgd)
     ref = nn.ModuleList(factory(n) for n in range(sum(levels)))
     errors: dict[str, float] = {}
@@ -110,20 +130,37 @@ def run(rank: int, world: int, port: int, case: dict, out_dir: str) -> None:
                 errors[f"step{s}_output"] = max_err(out, reference_outputs(ref, images, ids))
         errors[f"step{s}_shape_ok"] = float(tuple(out.shape) != (*ids.shape, 3, size, size))
 
-    # Checkpoint: save, load into an engine built from other weights, compare bit for bit.
+    if case.get("ckpt", True):
+        errors.update(checkpoint_round_trip(engine, case, rank, world, config, sgd))
+    out_file.write_text(json.dumps({"errors": errors, "balanced": layer.placement.balanced,
+                                    "slot_nodes": layer.slot_nodes.tolist(), "nodes": layer.local_nodes()}))
+    torch.distributed.barrier()
+
+
+def checkpoint_round_trip(engine, case: dict, rank: int, world: int, config: dict, sgd) -> dict[str, float]:
+    """Save, load into an engine built from other weights, compare bit for bit."""
+    from unirestorer.parallel.tree_moe import TreeMoE, expected_checkpoint_files, initialize
+
+    levels, layer = case["level_sizes"], engine.module
     ckpt = Path(case["ckpt_dir"])
     engine.save_checkpoint(str(ckpt), tag="t")
     torch.distributed.barrier()
     saved = set(os.listdir(ckpt / "t"))
-    errors["ckpt_missing_files"] = float(len(set(expected_checkpoint_files(layer.placement)) - saved))
-    other = initialize(TreeMoE(make_factory(seed=2), levels, case.get("ep_sizes")), config, sgd)
+    errors = {"ckpt_missing_files": float(len(set(expected_checkpoint_files(layer.placement)) - saved))}
+    other = initialize(TreeMoE(make_factory(seed=2), levels, case.get("ep_sizes"), cluster_sizes=case.get("cluster_sizes")),
+                       config, sgd)
     other.load_checkpoint(str(ckpt), tag="t")
     mine, theirs = engine.module.state_dict(), other.module.state_dict()
     errors["ckpt_keys_differ"] = float(mine.keys() != theirs.keys())
     errors["ckpt_not_bit_exact"] = float(sum(not torch.equal(mine[k], theirs[k]) for k in mine))
-    images, ids = make_step(case["steps"][0], levels, world, size)[rank]
+    images, ids = make_step(case["steps"][0], levels, world, case["size"])[rank]
     with torch.no_grad():
         errors["ckpt_forward_not_equal"] = float(not torch.equal(engine(images, ids), other(images, ids)))
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(errors))
-    torch.distributed.barrier()
+    return errors
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(*sys.argv[1:])
 

@@ -1,7 +1,8 @@
 """Expert parallelism on DeepSpeed: placement, dropless dispatch, ZeRO-1/2 and checkpoints.
 
-The distributed cases run 2 real ranks (gloo, DS_ACCELERATOR=cpu, the real deepspeed.initialize) and
-compare with one process holding every expert; each spawn packs several steps to keep the suite short.
+The distributed cases run 2 real ranks (torch.multiprocessing) or 4 (the real `deepspeed` launcher), gloo,
+DS_ACCELERATOR=cpu, the real deepspeed.initialize, and compare with one process holding every expert;
+each launch packs several steps (and the 4-rank one several cases) to keep the suite short.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -41,7 +43,18 @@ def run_case(case: dict, tmp_path: Path) -> list[dict]:
     case = {**case, "ckpt_dir": str(tmp_path / "ckpt")}
     mp.start_processes(parallel_worker.run, args=(2, free_port(), case, str(tmp_path)), nprocs=2,
                        start_method="spawn")
-    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    return [json.loads((tmp_path / f"rank{r}.json").read_text())["errors"] for r in range(2)]
+
+
+def run_launcher(cases: dict[str, dict], tmp_path: Path, ranks: int = 4) -> dict[str, list[dict]]:
+    """All cases in one `deepspeed --num_gpus <ranks>` launch of tests/parallel_worker.py."""
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    launcher = Path(sys.executable).parent / "deepspeed"
+    proc = subprocess.run([str(launcher), "--num_gpus", str(ranks), "--master_port", str(free_port()), "--no_local_rank",
+                           str(Path(parallel_worker.__file__)), str(tmp_path / "cases.json"), str(tmp_path)],
+                          env=dict(os.environ), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    return {name: [json.loads((tmp_path / f"{name}_rank{r}.json").read_text()) for r in range(ranks)] for name in cases}
 
 
 def assert_all_match(results: list[dict]) -> None:
@@ -75,6 +88,38 @@ def test_zero1_replicated_level_and_empty_rank(cpu_deepspeed):
     assert_all_match(run_case(case, cpu_deepspeed))
 
 
+@pytest.mark.slow
+def test_four_ranks_two_communicating_exchanges(cpu_deepspeed):
+    """4 ranks, levels [1, 3, 6]: ep [1, 2, 4] (ZeRO-2) and [1, 4, 2] (ZeRO-1) put two different groups in one
+    step, [1, 4, 4] (ZeRO-2) shares one, placed by expected load (skewed cluster sizes). Idle padding slots in
+    every case, nodes no image reaches, uneven batches with empty ranks, k = 3 and k = 1, no_grad; then the
+    checkpoint round trip (the two ZeRO-2 cases)."""
+    idle = {"seed": 0, "k": 3, "batch": [3, 1, 0, 2], "grad": True, "idle": [3, 9]}
+    steps = [idle, {"seed": 1, "k": 1, "batch": [0, 2, 1, 3], "grad": True, "idle": [1, 5]},
+             {"seed": 2, "k": 1, "batch": [1, 0, 2, 1], "grad": False, "idle": []}]
+    base = {"level_sizes": [1, 3, 6], "size": 16, "steps": steps}
+    skewed = [100, 60, 30, 10, 50, 40, 5, 2, 2, 1]
+    results = run_launcher({
+        "ep124_zero2": {**base, "ep_sizes": [1, 2, 4], "zero": 2},
+        "ep142_zero1": {**base, "ep_sizes": [1, 4, 2], "zero": 1, "ckpt": False,
+                        "steps": [{**idle, "batch": [0, 0, 3, 1]}, *steps[1:]]},
+        "ep144_zero2_balanced": {**base, "ep_sizes": [1, 4, 4], "zero": 2, "cluster_sizes": skewed, "steps": steps[:2]},
+    }, cpu_deepspeed)
+    for name, ranks in results.items():
+        assert set(ranks[0]["errors"]) >= {"step0_params", "step1_input_grad", "step1_output"}
+        assert_all_match([r["errors"] for r in ranks])
+        # every node on exactly its ep position's ranks: level 2 of [1, 2, 4] lives once on each quarter
+        held = [set(r["nodes"]) for r in ranks]
+        assert all(0 in h for h in held) and set.union(*held) == set(range(10)), name
+        assert all(r["slot_nodes"] == ranks[0]["slot_nodes"] for r in ranks), name  # one layout on every rank
+    assert all("ckpt_not_bit_exact" in results[name][0]["errors"] for name in ("ep124_zero2", "ep144_zero2_balanced"))
+    assert [r["nodes"] for r in results["ep124_zero2"]] == [[0, 1, 2, 4, 5], [0, 3, 6, 7], [0, 1, 2, 8, 9], [0, 3]]
+    assert [r["nodes"] for r in results["ep142_zero1"]] == [[0, 1, 4, 5, 6], [0, 2, 7, 8, 9], [0, 3, 4, 5, 6], [0, 7, 8, 9]]
+    balanced = results["ep144_zero2_balanced"][0]
+    assert balanced["balanced"] and balanced["slot_nodes"] == [[0, -1, -1, -1, -1, -1, -1, -1], [1, 2, 3, -1, -1, -1, -1, -1],
+                                                               [-1, -1, 6, 7, 5, 8, 4, 9]]
+
+
 def test_placement_report_seven_experts_on_two_ranks():
     placement = plan_placement([1, 7], world_size=2)
     assert [(lv.ep_size, lv.num_slots, lv.idle_slots) for lv in placement.levels] == [(1, 1, 0), (2, 8, 1)]
@@ -89,6 +134,32 @@ def test_placement_report_seven_experts_on_two_ranks():
     # skewed clusters move the load: node 7 (on rank 1) holds most images
     loads = placement.expected_load([10, 1, 1, 1, 1, 1, 1, 10])
     assert loads[1] > loads[0]
+
+
+def test_skewed_clusters_are_placed_by_expected_load():
+    """[1, 7, 19] on 8 ranks (ep [1, 8, 4]): leaves 0-4 (position 0 in node order) hold most images. Node order
+    then skews past 1.3x, so the slots are bin-packed by load: same ep sizes and slot counts, every node once,
+    deterministic, lower skew. Near-even clusters keep node order (file layout unchanged)."""
+    sizes = [1000] + [100] * 7 + [200] * 5 + [20] * 14
+    plain, packed = plan_placement([1, 7, 19], 8), plan_placement([1, 7, 19], 8, cluster_sizes=sizes)
+    assert plain.skew(sizes) > 1.3 and not plain.balanced
+    assert packed.balanced and packed.skew(sizes) < 1.2 < 1.3 < plain.skew(sizes)
+    assert packed == plan_placement([1, 7, 19], 8, cluster_sizes=list(sizes))  # what every rank computes
+    for lv, ref in zip(packed.levels, plain.levels):
+        assert (lv.ep_size, lv.num_slots) == (ref.ep_size, ref.num_slots)
+        assert sorted(n for n in lv.slot_nodes if n >= 0) == list(range(lv.first_node, lv.first_node + lv.num_nodes))
+        for node in range(lv.first_node, lv.first_node + lv.num_nodes):
+            assert node in lv.nodes_on(lv.position_of(node)) and lv.slot_nodes[lv.slot_of(node)] == node
+    # the heavy leaves 8..12 now sit on different positions of level 2 (5 slots each)
+    assert len({packed.levels[2].position_of(n) for n in range(8, 13)}) == 4
+    assert packed.skew(sizes) == pytest.approx(max(packed.expected_load(sizes)))
+    assert "by expected load (greedy bin packing)" in packed.report([1] * 27, sizes)
+    assert "skew: the busiest rank does" in packed.report([1] * 27, sizes)
+    even = [1000] + [100] * 7 + [37] * 19
+    assert not plan_placement([1, 7, 19], 8, cluster_sizes=even).balanced
+    assert plan_placement([1, 7, 19], 8, cluster_sizes=even).levels == plain.levels
+    with pytest.raises(ValueError, match="cluster_sizes has 3 entries, the tree has 27 nodes"):
+        plan_placement([1, 7, 19], 8, cluster_sizes=[1, 2, 3])
 
 
 def test_placement_rejects_bad_sizes():
@@ -129,3 +200,23 @@ def test_single_process_layer_matches_its_experts():
     with pytest.raises(ValueError, match=r"node ids must lie in \[0, 3\)"):
         layer(images, torch.tensor([[3], [0]]))
     assert "rank 0: nodes [0, 1, 2] (+0 idle)" in layer.placement_report(factory)
+
+
+def test_expert_files_by_node_follows_the_saved_slot_table():
+    """A checkpoint's slot table maps nodes to per-expert files (layer, slot); without one: node order."""
+    import torch
+
+    from unirestorer.train.checkpoint import CheckpointError
+    from unirestorer.train.weights import Checkpoint, expert_files_by_node
+
+    table = torch.tensor([[0, -1, -1, -1], [2, -1, 1, -1]])  # level 1 placed by load: node 2 in slot 0
+    experts = {(0, 0): {}, (1, 0): {}, (1, 1): {}, (1, 2): {}, (1, 3): {}}
+    ck = Checkpoint(Path("ck"), {"tree_moe.slot_nodes": table}, experts, {}, {}, 1)
+    assert expert_files_by_node(ck, [1, 2]) == {0: (0, 0), 1: (1, 2), 2: (1, 0)}
+    assert expert_files_by_node(Checkpoint(Path("ck"), {}, experts, {}, {}, 1), [1, 2]) == {0: (0, 0), 1: (1, 0),
+                                                                                           2: (1, 1)}
+    del experts[(1, 2)]
+    with pytest.raises(CheckpointError, match=r"no per-expert file for tree node\(s\) \[1\].*layer_1_expert_2"):
+        expert_files_by_node(ck, [1, 2])
+    with pytest.raises(CheckpointError, match="the tree has 3 levels: not a checkpoint of this tree"):
+        expert_files_by_node(ck, [1, 2, 4])

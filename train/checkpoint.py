@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,25 +197,22 @@ def resolve_resume(resume: str, ckpt_dir: str | Path) -> ResumePoint | None:
 
 
 def load_checkpoint(engine: Any, point: ResumePoint) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Collective. Loads weights and, when the world size is unchanged, optimizer + scheduler states.
+    """Collective. Loads weights and, when the world size and expert layout are unchanged, optimizer + scheduler
+    states.
 
-    Returns (client_state, this rank's run state). With a different world size (elastic resume) the
-    optimizer starts fresh and the rank state is None: the caller re-seeds its RNG and data stream.
+    Returns (client_state, this rank's run state). With a different world size or expert layout (elastic
+    resume, train/elastic.py) only the weights load, experts re-placed by tree node, the optimizer starts
+    fresh and the rank state is None: the caller re-seeds its RNG and data stream.
     """
-    from unirestorer.train.safe_checkpoint_engine import safe_load, safe_loading  # imports this module
+    from unirestorer.train import elastic  # here: elastic imports weights.py, which imports this module
+    from unirestorer.train.safe_checkpoint_engine import safe_load, safe_loading  # imports this module too
 
     rank, world = _rank_world()
-    same = world == point.world_size
-    if not same and rank == 0:
-        print(f"[checkpoint] elastic resume: {point.path} was written by {point.world_size} ranks, this run has "
-              f"{world}: loading weights only; optimizer, LR schedule state and RNG start fresh",
-              file=sys.stderr, flush=True)
+    if world != point.world_size or not elastic.layout_matches(engine.module, point):
+        return elastic.load_replaced(engine, point, rank, world), None
     with safe_loading(engine):  # DeepSpeed's loads go through torch.load(weights_only=True)
-        load_path, client_state = engine.load_checkpoint(str(point.root), tag=point.tag, load_optimizer_states=same,
-                                                         load_lr_scheduler_states=same, load_module_only=not same)
+        load_path, client_state = engine.load_checkpoint(str(point.root), tag=point.tag)
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {point.path}")
-    rank_state = None
-    if same:
-        rank_state = safe_load(point.path / f"rank_{rank:05d}_state.pt")
+    rank_state = safe_load(point.path / f"rank_{rank:05d}_state.pt")
     return client_state or {}, rank_state

@@ -1,8 +1,8 @@
 """`unirestorer export CKPT_DIR --out BUNDLE`: one inference bundle from an experts or router checkpoint.
 
-One process, no DeepSpeed (not even imported): weights.py reads the dense file (extractor, router) and the per-expert files;
-file `layer_L_expert_i` is node `first_node(L) + i` (a level's nodes fill its slots breadth-first, see
-parallel/placement.py) and slots past the level's node count are idle padding, skipped. The tree, the
+One process, no DeepSpeed (not even imported): weights.py reads the dense file (extractor, router) and the
+per-expert files; the checkpoint's slot table says which node each file holds (`weights.expert_files_by_node`;
+idle padding slots are skipped). The tree, the
 extractor's and experts' constructor kwargs come from the checkpoint's stage state, so a checkpoint is
 all it needs. The training config and the source checkpoint are added to bundle.json.
 """
@@ -19,7 +19,7 @@ from unirestorer.model.unirestorer import CONFIG, UniRestorer
 from unirestorer.safe_files import atomic_write
 from unirestorer.train.checkpoint import CheckpointError
 from unirestorer.train.stage_state import extractor_from_checkpoint, tree_from_state
-from unirestorer.train.weights import Checkpoint, load_submodule, read_checkpoint
+from unirestorer.train.weights import Checkpoint, expert_files_by_node, load_submodule, read_checkpoint
 
 EXPERTS_ONLY_NOTE = ("{path} is an experts-stage checkpoint: the router in the bundle is freshly initialised. Its "
                      "gates are zero, so every leaf and level is equally likely and the argmax picks the first "
@@ -42,17 +42,12 @@ def restorer_from_checkpoint(ckpt: Checkpoint) -> tuple[UniRestorer, str]:
     else:
         router, note = Router.from_tree(tree), EXPERTS_ONLY_NOTE.format(path=ckpt.path)
     experts = {}
-    for level, (first, size) in enumerate(zip(tree.level_starts, tree.level_sizes)):
-        for slot in range(size):
-            if (level, slot) not in ckpt.experts:
-                raise CheckpointError(f"{ckpt.path}: layer_{level}_expert_{slot}_mp_rank_00_model_states.pt "
-                                      f"(tree node {first + slot}) is missing")
-            experts[first + slot] = create_expert(**spec)
-            try:
-                experts[first + slot].load_state_dict(ckpt.experts[(level, slot)])
-            except RuntimeError as err:
-                raise CheckpointError(f"{ckpt.path}: expert file of node {first + slot} does not fit {spec}: "
-                                      f"{err}") from None
+    for node, key in sorted(expert_files_by_node(ckpt, tree.level_sizes).items()):
+        experts[node] = create_expert(**spec)
+        try:
+            experts[node].load_state_dict(ckpt.experts[key])
+        except RuntimeError as err:
+            raise CheckpointError(f"{ckpt.path}: expert file of node {node} does not fit {spec}: {err}") from None
     model = UniRestorer(extractor.eval(), tree, router, experts, expert_specs={n: spec for n in experts},
                         extractor_config=extractor.config)
     return model.eval(), note

@@ -124,7 +124,8 @@ class ExpertsStage:
         self.spec = expert_spec(cfg)
         factory = node_factory(self.spec, t.seed)
         self.extractor_config = extractor.config
-        module = TreeModule(extractor, TreeMoE(factory, self.tree.level_sizes, ep)).to(self.device)
+        tree_moe = TreeMoE(factory, self.tree.level_sizes, ep, cluster_sizes=self.tree.counts.tolist())
+        module = TreeModule(extractor, tree_moe).to(self.device)
         if t.channels_last:  # each expert's input; weights stay contiguous (DeepSpeed views them as bytes)
             for node in module.tree_moe.local_nodes():
                 module.tree_moe.local_module(node).register_forward_pre_hook(to_channels_last)
@@ -193,7 +194,7 @@ class ExpertsStage:
             numel = sum(p.numel() for p in create_expert(**self.spec).parameters())
         with torch.no_grad():
             for parent in range(par.first_node, par.first_node + par.num_nodes):
-                owner = (parent - par.first_node) // par.local_slots  # ranks 0..ep-1 hold positions 0..ep-1
+                owner = par.position_of(parent)  # ranks 0..ep-1 hold positions 0..ep-1
                 if rank == owner:
                     flat = parameters_to_vector(moe.local_module(parent).parameters())
                 else:
@@ -256,7 +257,10 @@ class ExpertsStage:
         loss_sum, count = sums[:n], sums[n:]
         self.read_seen()
         now = time.perf_counter()
-        out = {"a2a_time_share": CommTimer.take() / max(now - self.last_read, 1e-9)}
+        rows = self.engine.module.tree_moe.rows_per_rank()  # load balance: images each rank's experts ran
+        out = {"a2a_time_share": CommTimer.take() / max(now - self.last_read, 1e-9),
+               "compute/skew": max(rows) / max(sum(rows) / len(rows), 1e-9),
+               **{f"compute/rank{r}_images": float(v) for r, v in enumerate(rows)}}
         self.last_read = now
         if self.device.type == "cuda":
             out["gpu_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30

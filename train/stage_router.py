@@ -43,7 +43,7 @@ from unirestorer.train.stage import Metrics, warmup_cosine
 from unirestorer.train.stage_state import tree_from_state, tree_to_state
 from unirestorer.train.tree_stage import (TreeModule, all_sum, check_placement, expert_spec, load_init, node_factory,
                                           stream_config, validate_psnr)
-from unirestorer.train.weights import read_checkpoint
+from unirestorer.train.weights import expert_files_by_node, read_checkpoint
 
 
 class GlobalSum(torch.autograd.Function):
@@ -69,16 +69,12 @@ def global_sum(x: Tensor) -> Tensor:
 
 
 def load_tree_weights(tree_moe: TreeMoE, init_ckpt: str) -> None:
-    """Every expert placed on this rank from the experts checkpoint: file (level, slot) holds node first + slot."""
+    """Every expert placed on this rank from the experts checkpoint (its slot table names each node's file)."""
     ckpt = read_checkpoint(init_ckpt)
+    files = expert_files_by_node(ckpt, [lv.num_nodes for lv in tree_moe.placement.levels])
     for node in tree_moe.local_nodes():
-        level = tree_moe.placement.level_of_node()[node]
-        key = (level, node - tree_moe.placement.levels[level].first_node)
-        if key not in ckpt.experts:
-            raise CheckpointError(f"{ckpt.path}: no layer_{key[0]}_expert_{key[1]} file for tree node {node}: "
-                                  f"not an experts-stage checkpoint of this tree")
         try:
-            tree_moe.local_module(node).load_state_dict(ckpt.experts[key])
+            tree_moe.local_module(node).load_state_dict(ckpt.experts[files[node]])
         except RuntimeError as err:
             raise CheckpointError(f"{ckpt.path}: expert of node {node} does not fit model.arch/preset: {err}") from None
 

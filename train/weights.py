@@ -8,6 +8,9 @@ DeepSpeed's files in a checkpoint folder (see train/checkpoint.py for our layout
                                                      expert's params under their full module path
     zero_pp_rank_*_optim_states.pt                  optimizer shards (not read here)
 
+Expert file `layer_L_expert_E` holds whatever tree node slot E of level L held in the run that wrote it:
+the TreeMoE's `slot_nodes` buffer in the dense state says which (`expert_files_by_node`).
+
 Everything is loaded with `torch.load(weights_only=True)`: DeepSpeed 0.19.8 writes only tensors, plain
 containers, str/int/float/None into these files (its "ds_config" and "param_shapes" included), so no
 allowlist is needed; a file that needs one fails with an error naming it instead of being unpickled.
@@ -19,7 +22,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection, Sequence
 
 import torch
 from torch import nn
@@ -86,21 +89,26 @@ def read_checkpoint(path: str | Path, experts: bool = True) -> Checkpoint:
     meta = {k: v for k, v in raw.items() if k in DS_KEYS and k != "module" and isinstance(v, (int, str, float))}
     found: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
     prefixes: dict[tuple[int, int], str] = {}
-    for f in sorted(p.iterdir()) if experts else []:
-        m = EXPERT_RE.match(f.name)
-        if not m:
-            continue
-        key = (int(m[1]), int(m[2]))
-        state = _load(f)
-        local, prefix = {}, None
-        for name, tensor in state.items():
-            km = EXPERT_KEY_RE.match(name)
-            if km is None or int(km[2]) != key[1] or prefix not in (None, km[1]):
-                raise CheckpointError(f"{f}: key {name!r} is not a parameter of expert {key[1]}")
-            prefix, local[km[3]] = km[1], tensor
-        found[key], prefixes[key] = local, prefix or ""
+    for key, f in expert_file_paths(p).items() if experts else []:
+        found[key], prefixes[key] = read_expert_file(f, key)
     step = int(client.get("step", raw.get("global_steps", -1)))
     return Checkpoint(p, dict(raw["module"]), found, prefixes, client, step, meta)
+
+
+def expert_file_paths(step: Path) -> dict[tuple[int, int], Path]:
+    """(MoE layer, global expert id) -> its per-expert file in step folder `step`."""
+    return {(int(m[1]), int(m[2])): f for f in sorted(step.iterdir()) if (m := EXPERT_RE.match(f.name))}
+
+
+def read_expert_file(f: Path, key: tuple[int, int]) -> tuple[dict[str, torch.Tensor], str]:
+    """One per-expert file: the expert's own keys (module path stripped) and the path they were stored under."""
+    local, prefix = {}, None
+    for name, tensor in _load(f).items():
+        km = EXPERT_KEY_RE.match(name)
+        if km is None or int(km[2]) != key[1] or prefix not in (None, km[1]):
+            raise CheckpointError(f"{f}: key {name!r} is not a parameter of expert {key[1]}")
+        prefix, local[km[3]] = km[1], tensor
+    return local, prefix or ""
 
 
 def load_submodule(module: nn.Module, dense: dict[str, torch.Tensor], prefix: str, strict: bool = True) -> None:
@@ -115,3 +123,37 @@ def load_submodule(module: nn.Module, dense: dict[str, torch.Tensor], prefix: st
     if strict and (missing or unexpected):
         raise CheckpointError(f"weights under {prefix!r} do not fit {type(module).__name__}: "
                               f"missing {missing[:8]}, unexpected {unexpected[:8]}")
+
+
+SLOT_TABLE = "slot_nodes"  # TreeMoE's buffer: node id per (level, slot), -1 idle
+
+
+def expert_files_by_node(ckpt: Checkpoint, level_sizes: Sequence[int], prefix: str = "tree_moe.",
+                         layer_offset: int = 0, available: Collection[tuple[int, int]] | None = None
+                         ) -> dict[int, tuple[int, int]]:
+    """Tree node -> (MoE layer, slot) of its per-expert file in `ckpt`, for the TreeMoE stored under `prefix`.
+
+    Read from the TreeMoE's saved slot table; a checkpoint without one (written before it existed) is in
+    node order. Every node must have its file among `available` (default: the experts read into `ckpt`),
+    or the error names the ones that do not.
+    """
+    available = ckpt.experts if available is None else available
+    table = ckpt.dense.get(prefix + SLOT_TABLE)
+    files: dict[int, tuple[int, int]] = {}
+    if table is None:
+        first = 0
+        for level, size in enumerate(level_sizes):
+            files.update({first + s: (layer_offset + level, s) for s in range(size)})
+            first += size
+    else:
+        if table.dim() != 2 or table.shape[0] != len(level_sizes):
+            raise CheckpointError(f"{ckpt.path}: {prefix + SLOT_TABLE} has shape {tuple(table.shape)}, the tree has "
+                                  f"{len(level_sizes)} levels: not a checkpoint of this tree")
+        for level, row in enumerate(table.tolist()):
+            files.update({int(node): (layer_offset + level, slot) for slot, node in enumerate(row) if node >= 0})
+    missing = [n for n in range(sum(level_sizes)) if files.get(n) not in available]
+    if missing:
+        raise CheckpointError(f"{ckpt.path}: no per-expert file for tree node(s) {missing} (wanted "
+                              f"{['layer_%d_expert_%d' % files[n] if n in files else 'none' for n in missing][:8]}): "
+                              f"not a checkpoint of this tree")
+    return files
