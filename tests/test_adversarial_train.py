@@ -30,7 +30,7 @@ from unirestorer.train.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["model.extractor_backbone=test_resnet", "model.embed_dim=16", "model.extractor_proj_dim=8",
-        "model.extractor_crop=16", "model.extractor_crops=2", "data.patch_size=16", "data.num_workers=0",
+        "model.extractor_crop=16", "model.extractor_max_crops=2", "data.patch_size=16", "data.num_workers=0",
         "data.shuffle_buffer=8", "data.batches_per_epoch=3", "deepspeed.micro_batch=4", "log.every=1",
         "log.val_every=0"]
 

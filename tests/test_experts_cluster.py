@@ -32,7 +32,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 LEVELS = [1, 3, 5]
 EP = {4: "[1,2,4]", 2: "[1,2,2]", 3: "[1,3,3]"}
 TINY_EXTRACTOR = ["model.extractor_backbone=test_resnet", "model.embed_dim=16", "model.extractor_proj_dim=8",
-                  "model.extractor_crop=16", "model.extractor_crops=2"]
+                  "model.extractor_crop=16", "model.extractor_max_crops=2"]
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,8 @@ def setup(tmp_path_factory) -> dict:
         "data": {"patch_size": 16, "num_workers": 0, "shuffle_buffer": 4, "batches_per_epoch": 3},
         "model": {"arch": "nafnet", "preset": "tiny"},
         "tree": {"path": str(root / "tree"), "levels": LEVELS},
-        "train": {"stage": "experts", "init_ckpt": str(root / "extractor" / "ck"), "lr": 1e-3, "warmup_steps": 1},
+        "train": {"stage": "experts", "init_ckpt": str(root / "extractor" / "ck"), "lr": 1e-3, "warmup_steps": 1,
+                  "level_start_steps": [0, 0, 0]},  # every level from step 1: both exchanges communicate
         "deepspeed": {"micro_batch": 2}, "log": {"every": 1, "val_every": 0}}))
     return {"root": root, "shards": shards}
 
