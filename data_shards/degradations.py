@@ -14,6 +14,10 @@ Label (JSON-able, same shape for single and mixed degradations)::
 `intensity` is in [0, 1] and grows with severity (per type: see the samplers); for a mixture it is
 the maximum over its components, i.e. the severity of its worst part. A mixture has 2-4 components
 of distinct families, applied in the order light meets them (PHYSICAL_ORDER).
+
+Tasks: a family (one component), "mixed" (2-4 families drawn per image), or a fixed mixture named by
+its families joined with "+" ("blur+noise": exactly those, fresh parameters per image). `task_name`
+checks a task and spells a fixed mixture in physical order, the name its labels carry.
 """
 
 from __future__ import annotations
@@ -237,16 +241,26 @@ def sample_component(family: str, rng: np.random.Generator) -> dict:
     return {"family": family, "type": kind, "params": params, "intensity": intensity}
 
 
+def task_name(task: str) -> str:
+    """`task` checked: a family, "mixed", or 2-4 distinct families joined by "+" (returned in physical order)."""
+    if task in TASKS:
+        return task
+    parts = task.split("+")
+    if len(parts) > 1 and all(p in FAMILIES for p in parts) and len(set(parts)) == len(parts) <= max(MIX_SIZES):
+        return "+".join(f for f in PHYSICAL_ORDER if f in parts)
+    raise ValueError(f"unknown degradation task {task!r}; expected one of {', '.join(TASKS)}, or 2-"
+                     f"{max(MIX_SIZES)} distinct families joined by '+' (e.g. blur+noise)")
+
+
 def sample_label(task: str, rng: np.random.Generator) -> dict:
-    """A label for `task`: one component, or for "mixed" 2-4 distinct families in physical order."""
+    """A label for `task` (see `task_name`): one component, or a mixture's families in physical order."""
+    task = task_name(task)
     if task == "mixed":
         n = int(rng.choice(MIX_SIZES))
         picked = set(rng.choice(len(FAMILIES), size=n, replace=False).tolist())
         families = [f for f in PHYSICAL_ORDER if FAMILIES.index(f) in picked]
-    elif task in FAMILIES:
-        families = [task]
     else:
-        raise ValueError(f"unknown degradation task {task!r}; expected one of {', '.join(TASKS)}")
+        families = task.split("+")
     components = [sample_component(f, rng) for f in families]
     params = {c["family"]: c["params"] for c in components}
     if "lowlight" in params:

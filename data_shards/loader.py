@@ -55,7 +55,7 @@ from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from unirestorer.data_shards.augment import crop_pair
-from unirestorer.data_shards.degradations import DEGRADATIONS, SIGMA, TASKS, apply_label, synthesize, to_uint8
+from unirestorer.data_shards.degradations import DEGRADATIONS, SIGMA, apply_label, synthesize, task_name, to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +99,11 @@ class StreamConfig:
             raise ValueError("StreamConfig.num_workers and shuffle_buffer must be >= 0")
         if self.online_sigmas and not self.online:
             raise ValueError("StreamConfig.online_sigmas needs online=True")
-        unknown = [t for t in self.online_tasks if t not in TASKS]
-        if unknown:
-            raise ValueError(f"online_tasks {unknown} not in {', '.join(TASKS)}")
+        for task in self.online_tasks:
+            try:
+                task_name(task)
+            except ValueError as err:
+                raise ValueError(f"online_tasks: {err}") from None
 
 
 def expand_source(spec: str) -> list[str]:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
-from unirestorer.data_shards.degradations import TASKS, synthesize
+from unirestorer.data_shards.degradations import TASKS, synthesize, task_name
 from unirestorer.data_shards.imageio import DEFAULT_MAX_PIXELS, ImageReadError, encode_png, read_rgb
 
 SHARD_NAME = "shard-%06d.tar"
@@ -298,10 +298,12 @@ def write_synthetic(clean_dir: str | os.PathLike, out: str | os.PathLike, tasks:
                     max_pixels: int | None = DEFAULT_MAX_PIXELS) -> dict:  # fmt: skip
     """Synthesise `per_image` degraded crops of `patch` px (0: whole image) per clean image, tasks in
     rotation; returns the manifest. Raises ShardWriteError when nothing usable remains."""
-    tasks = tuple(tasks)
-    bad = [t for t in tasks if t not in TASKS]
-    if bad or not tasks:
-        raise ShardWriteError(f"unknown task(s) {', '.join(bad) or '(none given)'}; choose from {', '.join(TASKS)}")
+    try:
+        tasks = tuple(task_name(t) for t in tasks)
+    except ValueError as err:
+        raise ShardWriteError(str(err)) from None
+    if not tasks:
+        raise ShardWriteError(f"no task given; choose from {', '.join(TASKS)} or a mixture like blur+noise")
     workers = _check_common(per_image, patch, workers)
     root = Path(clean_dir)
     items = [_Item(i, p.relative_to(root).as_posix(), p) for i, p in enumerate(list_images(root))]

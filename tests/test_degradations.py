@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -184,6 +185,19 @@ def test_mixtures_have_distinct_families_in_physical_order() -> None:
             if "lowlight" in p and family in p:
                 assert p[family][key] <= p["lowlight"]["exposure"]
     assert sizes == {2, 3, 4}
+
+
+def test_fixed_mixture_has_exactly_its_families_in_physical_order() -> None:
+    assert dg.task_name("noise+blur") == "blur+noise" and dg.task_name("rain") == "rain"
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        label = dg.sample_label("noise+haze+lowlight", rng)
+        assert label["task"] == "lowlight+haze+noise"
+        assert [c["family"] for c in label["components"]] == ["lowlight", "haze", "noise"]
+        assert label["components"][1]["params"]["airlight"] <= label["components"][0]["params"]["exposure"]
+    for bad in ("blur+blur", "blur+fog", "noise+blur+rain+haze+snow"):
+        with pytest.raises(ValueError, match=re.escape(f"unknown degradation task {bad!r}")):
+            dg.task_name(bad)
 
 
 def test_bad_tasks_and_types_are_refused() -> None:

@@ -79,7 +79,7 @@ def test_synthetic_noise_is_seeded_and_has_the_stated_sigma(clean_dir):
     assert all(np.array_equal(x.lq, y.lq) for x, y in zip(a, b)) and not np.array_equal(a[0].lq, c[0].lq)
     assert np.std(a[0].lq - a[0].gt) == pytest.approx(25 / 255, rel=0.05)
     assert synth_label("rain") == ("rain", None)
-    with pytest.raises(ValueError, match="unknown task"):
+    with pytest.raises(ValueError, match="--synth 'fog': unknown degradation task 'fog'"):
         synth_label("fog")
 
 

@@ -191,7 +191,7 @@ def test_nothing_usable_exits_non_zero_with_a_clear_message(tmp_path: Path, caps
     assert not (tmp_path / "o").exists()
     with pytest.raises(writer.ShardWriteError, match="no such directory"):
         writer.write_synthetic(tmp_path / "nope", tmp_path / "o")
-    with pytest.raises(writer.ShardWriteError, match="unknown task"):
+    with pytest.raises(writer.ShardWriteError, match="unknown degradation task 'fog'"):
         writer.write_synthetic(bad, tmp_path / "o", tasks=("fog",))
 
 

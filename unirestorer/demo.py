@@ -471,13 +471,15 @@ def train_stages(out: Path, shards: list[str], val: list[str], sizes: Sizes, sca
 
 
 def parse_tasks(text: str) -> tuple[str, ...]:
-    from unirestorer.data_shards.degradations import TASKS
+    from unirestorer.data_shards.degradations import TASKS, task_name
 
     tasks = TASKS if text == "all" else tuple(t.strip() for t in text.split(",") if t.strip())
-    bad = [t for t in tasks if t not in TASKS]
-    if bad or not tasks:
-        raise ValueError(f"--tasks {text!r}: unknown task(s) {bad or '(none)'}; choose from {', '.join(TASKS)} or 'all'")
-    return tasks
+    if not tasks:
+        raise ValueError(f"--tasks {text!r}: no task given; choose from {', '.join(TASKS)} or 'all'")
+    try:
+        return tuple(task_name(t) for t in tasks)
+    except ValueError as err:
+        raise ValueError(f"--tasks {text!r}: {err}") from None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -88,13 +88,14 @@ def load_pairs(lq_dir: Path, gt_dir: Path, multiple: int = 16, limit: int | None
 
 def synth_label(spec: str) -> tuple[str, dict | None]:
     """'noise:25' -> ('noise', a fixed label); 'rain' -> ('rain', None: params drawn per image)."""
-    from unirestorer.data_shards.degradations import TASKS
+    from unirestorer.data_shards.degradations import task_name
 
     family, _, value = spec.partition(":")
     if not value:
-        if family not in TASKS:
-            raise ValueError(f"--synth {spec!r}: unknown task; use one of {', '.join(TASKS)} or FAMILY:VALUE")
-        return family, None
+        try:
+            return task_name(family), None
+        except ValueError as err:
+            raise ValueError(f"--synth {spec!r}: {err}, or FAMILY:VALUE") from None
     if family not in SYNTH_PARAM:
         raise ValueError(f"--synth {spec!r}: a value can be given for {', '.join(SYNTH_PARAM)} only")
     kind, key = SYNTH_PARAM[family]
