@@ -30,7 +30,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     w.add_argument("--gt-name", help="--layout basicsr: GT name template for --lq-regex (backrefs \\1 or \\g<name>)")
     w.add_argument("--sigmas", default="15,25,50", help="--layout promptir: noise sigmas (0..255) of Denoise/")
     w.add_argument("--out", required=True, metavar="OUT", help="output folder for shard-*.tar and manifest.json")
-    w.add_argument("--tasks", default=None, help="comma-separated tasks for --clean (default: all)")
+    w.add_argument("--tasks", default=None, help="comma-separated tasks for --clean, fixed mixtures as blur+noise (default: all)")
     w.add_argument("--per-image", type=int, default=None,
                    help="samples per input image (default 4 for --clean, 1 for --paired)")  # fmt: skip
     w.add_argument("--patch", type=int, default=None,

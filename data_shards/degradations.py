@@ -120,8 +120,10 @@ def blur_kernel(blur_type: str, p: dict) -> np.ndarray:
 
 
 def _convolve(img: np.ndarray, k: np.ndarray) -> np.ndarray:
-    # cv2 correlates; flipping the kernel makes it a true convolution (matters for asymmetric paths)
-    return cv2.filter2D(img, -1, np.ascontiguousarray(k[::-1, ::-1]), borderType=_BORDER)
+    # cv2 correlates; flipping the kernel makes it a true convolution (matters for asymmetric paths). cv2 runs
+    # large kernels through the DFT, whose rounding leaves values like -5e-16 in black areas: clipped, so that
+    # Poisson noise after a blur (a mixture) gets valid rates
+    return _clip(cv2.filter2D(img, -1, np.ascontiguousarray(k[::-1, ::-1]), borderType=_BORDER))
 
 
 def gaussian_blur(img: np.ndarray, p: dict, rng: np.random.Generator) -> np.ndarray:

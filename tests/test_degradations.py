@@ -200,6 +200,17 @@ def test_fixed_mixture_has_exactly_its_families_in_physical_order() -> None:
             dg.task_name(bad)
 
 
+def test_blur_of_black_areas_stays_in_range_so_poisson_noise_can_follow() -> None:
+    img = np.zeros((128, 128, 3), np.float32)
+    img[40:80, 40:80] = 1.0  # black around a white square: the DFT path of cv2 rang below 0 there
+    rng = np.random.default_rng(1)
+    for _ in range(60):
+        out = dg.apply_component(img.copy(), dg.sample_component("blur", rng), rng)
+        assert out.min() >= 0 and out.max() <= 1
+        noise = {"type": "poisson_noise", "params": {"peak": 30.0}}
+        assert np.isfinite(dg.apply_component(out, noise, rng)).all()
+
+
 def test_bad_tasks_and_types_are_refused() -> None:
     with pytest.raises(ValueError, match="unknown degradation task 'fog'"):
         dg.sample_label("fog", np.random.default_rng(0))

@@ -258,7 +258,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     src.add_argument("--clean", type=Path, metavar="DIR", help="clean images, degraded by --synth")
     src.add_argument("--preset", nargs=2, metavar=("NAME", "ROOT"),
                      help="standard test sets under ROOT, e.g. promptir-3task (see unirestorer/eval_presets.py)")
-    p.add_argument("--synth", metavar="SPEC", help="with --clean: noise:SIGMA, jpeg:QUALITY, blur:SIGMA or a task")
+    p.add_argument("--synth", metavar="SPEC", help="with --clean: noise:SIGMA, jpeg:QUALITY, blur:SIGMA, a task, or a fixed mixture such as haze+blur")
     p.add_argument("--task", help="task label of this set (default: the --synth family)")
     p.add_argument("--instruct", action="store_true", help="route in instruction mode for --task")
     p.add_argument("--classical", choices=("auto", "bm3d", "nlmeans"), default="auto",

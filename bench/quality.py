@@ -1,0 +1,276 @@
+"""Does routing to an expert of the right granularity beat one degradation-agnostic network, at equal
+inference cost, and what does it cost to train? `python bench/quality.py [--budget-minutes M] [--json]`
+
+One protocol, one seed, the same shards for every model, everything in one run (bench/quality_runs.py has
+the training runs). Training: BSDS500 photos (../shared/data/train/BSDS_clean) with synthetic noise, blur,
+rain, haze, low light and the mixtures in TRAIN_MIXTURES, re-degraded online, plus LOL's 80 real training
+pairs as low-light pairs. Testing (nothing of it trained on): CBSD68 at σ 15/25/50, Rain100L (real pairs,
+another rain generator: a shift), LOL eval15 (real), Kodak24 with synthetic blur, haze, a mixture seen in
+training and one never mixed in training. Rows: the tree (routed, root-only, leaf-only, oracle), dense
+experts of equal inference cost and of equal training compute, the LoRA tree, the input and the
+classical floor (BM3D for noise, dark channel prior for haze).
+
+`--budget-minutes M` scales every training stage's steps; the default plan took ~40 min on 2 CPU cores
+(BENCHMARKS.md "Quality benchmark"). `--quick` is the test suite's smoke run (numbers mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality_report import goals, markdown, row_values  # noqa: E402
+from quality_runs import BUNDLE_OF, EXPERTS_RUN, MODELS, plan, worker  # noqa: E402
+
+TRAIN_TASKS = ("noise", "blur", "rain", "haze", "lowlight")
+TRAIN_MIXTURES = ("blur+noise", "haze+rain", "lowlight+blur+noise")
+SEEN_MIX, UNSEEN_MIX = "blur+noise", "haze+blur"  # haze was mixed only with rain in training, blur never with haze
+REFERENCE_MINUTES, FIXED_MINUTES = 40.0, 12.0  # the default plan's wall time, and its part that does not scale
+MARKER = ".unirestorer-quality"
+
+
+@dataclasses.dataclass(frozen=True)
+class TestSet:
+    name: str
+    group: str  # "single" or "mixed/unseen" (GROUPS)
+    task: str | None  # the set's degradation, for the classical row (None: no classical method)
+    limit: int  # images (the first ones, sorted by name)
+
+
+def test_sets(quick: bool) -> list[TestSet]:
+    n = (lambda k: 1) if quick else (lambda k: k)
+    sets = [TestSet(f"CBSD68 σ{s}", "single", "noise", n(12)) for s in (15, 25, 50)]
+    sets += [TestSet("Rain100L", "mixed/unseen", "rain", n(24)), TestSet("LOL", "single", "lowlight", n(15)),
+             TestSet("Kodak24 blur", "single", "blur", n(12)), TestSet("Kodak24 haze", "single", "haze", n(12)),
+             TestSet(f"Kodak24 {SEEN_MIX}", "mixed/unseen", None, n(12)),
+             TestSet(f"Kodak24 {UNSEEN_MIX} (unseen)", "mixed/unseen", None, n(12))]
+    return sets
+
+
+def load_test_set(ts: TestSet, data: Path, crop: int | None) -> list:
+    """Samples under the PromptIR convention (eval_presets), Kodak24 degraded with seed 0 after the crop."""
+    from unirestorer import eval_presets as ep
+    from unirestorer.evaluate import Sample, load_synthetic
+
+    test = data / "test"
+    if ts.name.startswith("CBSD68"):
+        sigma = float(ts.name.split("σ")[1])
+        samples = ep.load_set(ep.BenchmarkSet(ts.name, "noise", ep.CBSD68, sigma), test / "CBSD68", "", "",
+                              "promptir", 0, ts.limit)
+    elif ts.name == "Rain100L":
+        samples = ep.load_set(ep.RAIN, test / "Rain100L", "input", "target", "promptir", 0, ts.limit)
+    elif ts.name == "LOL":
+        samples = ep.load_set(ep.LOL, test / "LOL", "low", "high", "promptir", 0, ts.limit)
+    else:
+        spec = ts.name.split()[1]
+        samples = load_synthetic(test / "Kodak24", spec, seed=0, multiple=16, limit=ts.limit)
+    if crop:  # --quick: small centre crops, so the smoke run stays seconds
+        def centre(img: np.ndarray) -> np.ndarray:
+            y, x = (img.shape[0] - crop) // 2, (img.shape[1] - crop) // 2
+            return np.ascontiguousarray(img[y:y + crop, x:x + crop])
+        samples = [Sample(s.name, centre(s.lq), centre(s.gt), s.label) for s in samples]
+    return samples
+
+
+# ---- data -------------------------------------------------------------------------------------
+def write_data(data: Path, out: Path, sizes, quick: bool) -> tuple[list[str], list[str]]:
+    """Training shard sets (one per task and mixture, plus LOL's real pairs) and validation shards."""
+    from unirestorer.data_shards.writer import list_images, write_paired
+    from unirestorer.demo import write_shards
+
+    photos = list_images(data / "train" / "BSDS_clean")
+    folders = {"val": photos[:sizes.val_photos], "train": photos[sizes.val_photos:][:sizes.train_photos]}
+    for split, chosen in folders.items():
+        (out / "photos" / split).mkdir(parents=True, exist_ok=True)
+        for i, photo in enumerate(chosen):
+            shutil.copyfile(photo, out / "photos" / split / f"{i:04d}{photo.suffix.lower()}")
+    tasks = TRAIN_TASKS + TRAIN_MIXTURES
+    train = write_shards(out / "photos" / "train", out / "shards" / "train", tasks, sizes, sizes.per_image, seed=0)
+    val = write_shards(out / "photos" / "val", out / "shards" / "val", tasks, sizes, 1, seed=1000)
+    lol = data / "train" / "LOL"
+    m = write_paired(lol / "low", lol / "high", "lowlight", out / "shards" / "train" / "lol_real",
+                     per_image=1 if quick else 2 * sizes.per_image, patch=sizes.stored, seed=0,
+                     shard_size=sizes.shard_size, workers=1, force=True)
+    n = len(m["shards"])
+    train.append(str(out / "shards" / "train" / "lol_real" /
+                     (f"shard-{{000000..{n - 1:06d}}}.tar" if n > 1 else "shard-000000.tar")))
+    return train, val
+
+
+# ---- training ---------------------------------------------------------------------------------
+def train_all(runs: list[tuple[str, str, dict]], out: Path, gpus: int) -> dict[str, dict]:
+    """Every run in one 2-rank process group (CPU ranks unless --gpus); {run: {seconds, code}}."""
+    import os
+
+    import torch.multiprocessing as mp
+
+    from unirestorer.demo import free_port, launcher_env, release_shm
+
+    os.environ.update({k: v for k, v in launcher_env(gpus).items() if k in ("DS_ACCELERATOR", "OMP_NUM_THREADS",
+                                                                          "TORCH_EXTENSIONS_DIR")})
+    report, port = out / "runs.json", free_port()
+    try:
+        mp.start_processes(worker, args=(gpus or 2, port, runs, str(report)), nprocs=gpus or 2, start_method="spawn")
+    finally:
+        release_shm(port)
+    done = json.loads(report.read_text()) if report.exists() else {}
+    failed = [n for n, r in done.items() if r["code"]] + [n for n, *_ in runs if n not in done][:1]
+    if failed:
+        raise RuntimeError(f"run {failed[0]} failed or did not finish (exit code {done.get(failed[0], {}).get('code')});"
+                           f" its output is above, its logs in {out / 'tensorboard' / failed[0]}")
+    return done
+
+
+def images_seen(ckpt: Path) -> int:
+    """Expert image-passes of an experts-stage run, as the checkpoint counted them (all ranks, all nodes)."""
+    from unirestorer.train.weights import read_checkpoint
+
+    return int(read_checkpoint(ckpt, experts=False).client_state["stage_state"]["images_seen"].sum())
+
+
+def bundle_size(bundle: Path) -> tuple[int, int]:
+    """(bytes of weights.safetensors, expert parameters stored in it)."""
+    from safetensors import safe_open
+
+    path = bundle / "weights.safetensors"
+    with safe_open(str(path), "pt") as f:
+        params = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys() if k.startswith("experts."))
+    return path.stat().st_size, params
+
+
+# ---- evaluation -------------------------------------------------------------------------------
+def evaluate_models(bundles: dict[str, Path], sets: list[TestSet], data: Path, out: Path, crop: int | None,
+                    denoiser: str) -> dict[str, dict[str, dict]]:
+    """{set: {row: {psnr, ssim}}} for every table row; side-by-side grids in out/eval/."""
+    import torch
+    from tqdm import tqdm
+
+    from unirestorer.evaluate import summarise
+    from unirestorer.model.unirestorer import UniRestorer
+
+    torch.set_num_threads(2)
+    models = {name: UniRestorer.load_bundle(path).eval() for name, path in bundles.items()}
+    results: dict[str, dict[str, dict]] = {}
+    for ts in tqdm(sets, desc="evaluate", unit="set"):
+        samples = load_test_set(ts, data, crop)
+        rows, shown = {}, {}
+        for name, model in models.items():
+            recs, outs = evaluate_one(model, samples, ts.task if name == "tree" else None, denoiser)
+            s = summarise(recs)
+            for row, method in row_values(name):
+                rows[row] = s[method]
+            shown[name] = outs[:2]
+        results[ts.name] = rows
+        write_side_by_side(out / "eval" / f"{ts.name.replace(' ', '_')}.png", samples[:2], shown)
+    return results
+
+
+def evaluate_one(model, samples: list, set_task: str | None, denoiser: str) -> tuple[list[dict], list]:
+    from unirestorer.evaluate import evaluate
+    from unirestorer.metrics import Convention
+
+    return evaluate(model, samples, Convention(), progress=False, set_task=set_task, denoiser=denoiser)
+
+
+def write_side_by_side(path: Path, samples: list, shown: dict[str, list]) -> None:
+    """input | each model's output | ground truth, one row per image, labelled."""
+    import cv2
+
+    from unirestorer.data_shards.imageio import to_uint8
+
+    rows = []
+    for i, s in enumerate(samples):
+        cells = []
+        for img, text in [(s.lq, "input")] + [(v[i], k) for k, v in shown.items()] + [(s.gt, "GT")]:
+            h, w = img.shape[:2]
+            cell = cv2.resize(to_uint8(img), (max(1, round(w * 160 / h)), 160), interpolation=cv2.INTER_AREA)
+            cv2.putText(cell, text, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 0), 1, cv2.LINE_AA)
+            cells.append(cell)
+        rows.append(np.hstack(cells))
+    width = max(r.shape[1] for r in rows)
+    grid = np.vstack([np.pad(r, ((0, 2), (0, width - r.shape[1]), (0, 0))) for r in rows])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
+
+
+# ---- the benchmark ----------------------------------------------------------------------------
+def prepare_out(out: Path) -> None:
+    if out.exists() and not (out / MARKER).exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"--out {out}: exists and is not an earlier quality run's folder; choose another")
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    (out / MARKER).touch()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--budget-minutes", type=float, default=REFERENCE_MINUTES, metavar="M",
+                   help=f"wall-time budget; scales every stage's steps (default {REFERENCE_MINUTES:g})")
+    p.add_argument("--quick", action="store_true", help="smoke run: a few steps, tiny sizes (numbers mean nothing)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON instead of the markdown table")
+    p.add_argument("--out", type=Path, default=Path("runs/quality"), help="output folder (default runs/quality)")
+    p.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[1].parent / "shared" / "data",
+                   help="the shared data folder (train/BSDS_clean, train/LOL, test/...)")
+    p.add_argument("--gpus", type=int, default=0, help="train on N GPUs (default: 2 CPU ranks)")
+    args = p.parse_args(argv)
+    from unirestorer.demo import FULL, QUICK, stage_configs
+
+    try:
+        if args.budget_minutes <= FIXED_MINUTES and not args.quick:
+            raise ValueError(f"--budget-minutes {args.budget_minutes:g}: the data and the evaluation alone take about "
+                             f"{FIXED_MINUTES:g} min; give more")
+        missing = [d for d in ("train/BSDS_clean", "train/LOL", "test/CBSD68", "test/Kodak24", "test/Rain100L",
+                               "test/LOL") if not (args.data / d).is_dir()]
+        if missing:
+            raise ValueError(f"--data {args.data}: missing {', '.join(missing)}")
+        out = args.out.resolve()
+        prepare_out(out)
+    except (ValueError, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    start = time.monotonic()
+    sizes = QUICK if args.quick else FULL
+    scale = 1.0 if args.quick else (args.budget_minutes - FIXED_MINUTES) / (REFERENCE_MINUTES - FIXED_MINUTES)
+    train, val = write_data(args.data, out, sizes, args.quick)
+    base = stage_configs(out, train, val, sizes, scale)
+    runs = plan(base, out / "checkpoints")
+    seconds = train_all(runs, out, args.gpus)
+
+    from unirestorer.train.export import export
+
+    bundles = {}
+    for model, run in BUNDLE_OF.items():
+        export(out / "checkpoints" / run, out / "bundles" / model)
+        bundles[model] = out / "bundles" / model
+    sets = test_sets(args.quick)
+    denoiser = "nlmeans" if args.quick else "auto"
+    results = evaluate_models(bundles, sets, args.data, out, 64 if args.quick else None, denoiser)
+    costs = {}
+    for model, run_names in MODELS.items():
+        size, params = bundle_size(bundles[model])
+        costs[model] = {"image_passes": images_seen(out / "checkpoints" / EXPERTS_RUN[model]),
+                        "train_seconds": round(sum(seconds[r]["seconds"] for r in run_names), 1),
+                        "bundle_bytes": size, "expert_params": params}
+    doc = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(["python bench/quality.py", *(argv or sys.argv[1:])]),
+           "steps": {r: c["train"].get("max_steps") for r, _, c in runs}, "runs": seconds,
+           "sets": {ts.name: {"group": ts.group, "n": ts.limit} for ts in sets}, "results": results, "costs": costs,
+           "classical": "NL-means" if args.quick else "BM3D (σ known) for noise, dark channel prior for haze",
+           "seconds": round(time.monotonic() - start, 1)}
+    doc["goals"] = goals(doc)
+    (out / "quality.json").write_text(json.dumps(doc, indent=1))
+    table = markdown(doc)
+    (out / "quality.md").write_text(table + "\n")
+    print(json.dumps(doc, indent=1) if args.json else table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

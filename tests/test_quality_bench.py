@@ -1,0 +1,58 @@
+"""bench/quality.py --quick: the whole protocol end to end on 2 real CPU ranks (every model trained by the
+stages, exported, evaluated on every test set), judged on the table's structure, conventions and costs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+sys.path.insert(0, str(REPO / "bench"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (DATA / "test" / "CBSD68").is_dir(), reason="needs ../shared/data beside the repository")
+def test_quick_run_table_structure_conventions_and_costs(tmp_path):
+    from quality import load_test_set, test_sets
+    from quality_report import CONVENTION, ROWS
+
+    out = tmp_path / "q"
+    res = subprocess.run([sys.executable, str(REPO / "bench" / "quality.py"), "--quick", "--json", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    doc = json.loads(res.stdout)  # --json: stdout is the document alone (the stages write to stderr)
+    assert doc == json.loads((out / "quality.json").read_text())
+    sets = test_sets(quick=True)
+    assert list(doc["results"]) == [ts.name for ts in sets] and len(sets) == 9
+    assert sum(v["group"] == "mixed/unseen" for v in doc["sets"].values()) == 3
+    for ts in sets:
+        rows = doc["results"][ts.name]
+        assert set(rows) == set(ROWS)
+        for row, v in rows.items():
+            has_value = row != "classical" or ts.task in ("noise", "haze")  # BM3D/NL-means and the DCP only
+            assert (v["psnr"] is not None) == has_value, (ts.name, row)
+            if has_value:
+                assert 0 < v["psnr"] < 100 and 0 <= v["ssim"] <= 1
+        assert (out / "eval" / f"{ts.name.replace(' ', '_')}.png").stat().st_size > 1000
+    # the input row is the PSNR of the loaded input itself (RGB, float, no rounding)
+    s = load_test_set(sets[1], DATA, 64)[0]
+    mse = np.mean((s.lq.astype(np.float64) - s.gt) ** 2)
+    assert doc["results"]["CBSD68 σ25"]["input"]["psnr"] == pytest.approx(10 * np.log10(1 / mse), abs=1e-6)
+    # costs as the checkpoints counted them: equal training compute = the tree's passes, equal inference = a level's
+    c = doc["costs"]
+    assert c["dense_compute"]["image_passes"] == c["tree"]["image_passes"] == 3 * c["dense_inference"]["image_passes"]
+    assert c["lora"]["image_passes"] == c["tree"]["image_passes"]
+    assert c["dense_inference"]["expert_params"] * 25 == c["tree"]["expert_params"]  # tree [1, 8, 16]: 25 experts
+    assert c["lora"]["expert_params"] < 0.5 * c["tree"]["expert_params"]
+    assert c["lora"]["bundle_bytes"] < c["tree"]["bundle_bytes"]
+    assert [g["met"] for g in doc["goals"]] == [g["margin"] >= 0 for g in doc["goals"]] and len(doc["goals"]) == 5
+    table = (out / "quality.md").read_text()
+    assert CONVENTION in table and "| goal | measured | margin (dB) | |" in table
+    header = table.splitlines()[0]
+    assert all(ts.name in header for ts in sets) and "mean mixed/unseen" in header and "bundle MB" in header
