@@ -154,8 +154,7 @@ class UniRestorer(nn.Module):
 
     def _bundle_tensors(self) -> tuple[dict[str, Tensor], dict[str, dict]]:
         """(every tensor save_bundle writes, the bundle.json spec of every expert)."""
-        tree_meta, tree_tensors = self.tree.to_state()
-        tensors = {f"tree.{k}": v for k, v in tree_tensors.items()}
+        tensors = {f"tree.{k}": v for k, v in self.tree.to_state()[1].items()}
         tensors |= {f"extractor.{k}": v for k, v in self.extractor.state_dict().items()}
         tensors |= {f"router.{k}": v for k, v in self.router.state_dict().items()}
         specs = {}

@@ -143,8 +143,8 @@ class ExpertsStage:
         n_levels = self.tree.n_levels
         ep = check_placement(cfg, self.tree, dist_info.world_size)
         self.level_lrs, self.starts, self.ends = level_schedule(cfg, n_levels)
-        check_lora_tree(cfg, self.starts, self.ends)
         self.spec, self.lora = expert_spec(cfg), expert_lora(cfg)
+        check_lora_tree(cfg, self.starts, self.ends)
         self.factory = factory = node_factory(self.spec, t.seed, self.lora)
         self.extractor_config = extractor.config
         tree_moe = TreeMoE(factory, self.tree.level_sizes, ep, cluster_sizes=self.tree.counts.tolist())
@@ -218,19 +218,19 @@ class ExpertsStage:
         with torch.no_grad():
             for parent in range(par.first_node, par.first_node + par.num_nodes):
                 with torch.device("meta"):
-                    shapes = [(n, p.numel()) for n, p in self.factory(parent).named_parameters()]
+                    sizes = [(n, p.numel()) for n, p in self.factory(parent).named_parameters()]
                 owner = par.position_of(parent)  # ranks 0..ep-1 hold positions 0..ep-1
                 if rank == owner:
                     flat = parameters_to_vector(moe.local_module(parent).parameters())
                 else:
-                    flat = torch.empty(sum(n for _, n in shapes), device=self.device,
+                    flat = torch.empty(sum(n for _, n in sizes), device=self.device,
                                        dtype=next(moe.parameters()).dtype)
                 if dist.is_initialized() and dist.get_world_size() > 1:
                     dist.broadcast(flat, src=owner)
                 for node in range(child.first_node, child.first_node + child.num_nodes):
                     if int(self.tree.parents[node]) == parent and node in local:
                         params = dict(moe.local_module(node).named_parameters())
-                        for (name, _), chunk in zip(shapes, flat.split([n for _, n in shapes])):
+                        for (name, _), chunk in zip(sizes, flat.split([n for _, n in sizes])):
                             params[name].copy_(chunk.view_as(params[name]))  # in place: ZeRO's flat buffers alias them
         refresh = getattr(self.engine.optimizer, "refresh_fp32_params", None)
         if refresh is not None:  # ZeRO / bf16 keep fp32 master copies: take the copied weights there too
