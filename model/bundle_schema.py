@@ -6,6 +6,8 @@ traceback). The schema: the top-level keys below; for the extractor, the router 
 keyword parameters of the constructor that rebuilds it (names, annotated types, required ones), with
 plain JSON values of bounded size, and a backbone that is a timm model name known locally. Free-form
 content is accepted only where named (`FREE_FORM`), and the extractor's optional `families` list.
+An expert of a LoRA tree also has `"lora": {"rank": int >= 1, "alpha": float > 0, "base": node}`, its base a
+plain expert (no `lora`) of the same spec whose weights it is rebuilt on.
 
 weights.safetensors must hold exactly the tensors the rebuilt modules expect, with their shapes, all
 finite: a missing, extra, misshapen or NaN/Inf tensor is refused with one line naming it.
@@ -31,6 +33,7 @@ FREE_FORM = ("source", "training_config")  # provenance written by export; never
 EXTRACTOR_EXTRAS = {"families": list[str]}  # optional keys the extractor config may carry beyond its kwargs
 TREE_KEYS = {"level_sizes": list[int], "parents": list[int], "counts": list[int], "task_names": list[str],
              "task_counts": list[list[int]]}
+LORA_KEYS = {"rank": int, "alpha": float, "base": int}
 MAX_INT = 1 << 20  # a width, depth or count beyond this is not a model this project builds
 MAX_LIST = 1 << 16
 
@@ -148,8 +151,24 @@ def check_config(config: Any, source: str, build_extractor: Callable[..., Any] |
             raise BundleError(f"{where}.name: {name!r} is not one of {sorted(ARCHITECTURES)}")
         if preset not in EXPERTS[name]:
             raise BundleError(f"{where}.preset: {preset!r} is not one of {sorted(EXPERTS[name])}")
-        overrides = {k: v for k, v in spec.items() if k not in ("name", "preset")}
+        overrides = {k: v for k, v in spec.items() if k not in ("name", "preset", "lora")}
         check_kwargs(overrides, ARCHITECTURES[name], where)
+        if "lora" in spec:
+            check_lora(spec, node, experts, f"{where}.lora")
+
+
+def check_lora(spec: dict, node: str, experts: dict, where: str) -> None:
+    """A LoRA expert's entry: rank >= 1, alpha > 0, and a base node that is plain and of the same spec."""
+    lora = spec["lora"]
+    check_fields(lora, LORA_KEYS, list(LORA_KEYS), where)
+    if lora["rank"] < 1 or lora["alpha"] <= 0:
+        raise BundleError(f"{where}: rank must be >= 1 and alpha > 0, got rank {lora['rank']}, alpha {lora['alpha']}")
+    base = experts.get(str(lora["base"]))
+    if str(lora["base"]) == node or not isinstance(base, dict) or "lora" in base:
+        raise BundleError(f"{where}.base: {lora['base']} is not another tree node with a plain (non-LoRA) expert")
+    if base != {k: v for k, v in spec.items() if k != "lora"}:
+        raise BundleError(f"{where}.base: node {lora['base']}'s spec {json.dumps(base)[:120]} differs from this "
+                          f"expert's: a LoRA expert is rebuilt on its base's weights, so they must match")
 
 
 def read_config(path: Path, build_extractor: Callable[..., Any] | None = None) -> dict:

@@ -5,6 +5,10 @@ W + (alpha/r) * B @ A with B zero-initialised, so a fresh LoRA expert equals its
 folded into the weight before the conv: one conv per layer, and its cost does not grow with pixels.
 A LoRA conv keeps the plain conv's parameter names (`weight`, `bias`) and adds `lora_A`, `lora_B`,
 so plain checkpoints load into LoRA experts and a LoRA checkpoint is just the `lora_*` tensors.
+
+A LoRA tree (the paper's variant, `model.lora_rank > 0`): node 0 is a full expert, every other node is
+the root's frozen weights plus its own LoRA (`tree_expert`); only the LoRA tensors are trained
+(`trainable_parameters`) and stored in a bundle.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from typing import Literal
 
 import torch
 from torch import nn
+
+from .experts import create_expert
 
 
 class LoRAConv2d(nn.Conv2d):
@@ -47,6 +53,26 @@ def _replace(expert: nn.Module, name: str, module: nn.Module) -> None:
 
 def has_lora(expert: nn.Module) -> bool:
     return any(isinstance(m, LoRAConv2d) for m in expert.modules())
+
+
+def lora_settings(expert: nn.Module) -> dict | None:
+    """{"rank", "alpha"} of a LoRA expert (add_lora gives every conv the same), None for a plain one."""
+    first = next((m for m in expert.modules() if isinstance(m, LoRAConv2d)), None)
+    return None if first is None else {"rank": first.rank, "alpha": first.alpha}
+
+
+def trainable_parameters(expert: nn.Module) -> list[nn.Parameter]:
+    """What training may update: a LoRA expert's lora_A/lora_B (its base stays frozen), else every parameter."""
+    if not has_lora(expert):
+        return list(expert.parameters())
+    return [p for n, p in expert.named_parameters() if n.endswith((".lora_A", ".lora_B"))]
+
+
+def tree_expert(spec: dict, node: int, lora: dict | None) -> nn.Module:
+    """Expert of tree node `node`: `create_expert(**spec)`; in a LoRA tree (`lora` = {"rank", "alpha"}) every
+    node but the root (0) gets a LoRA, its base to be the root's weights (copied in by the experts stage)."""
+    expert = create_expert(**spec)
+    return add_lora(expert, lora["rank"], lora["alpha"]) if lora and node != 0 else expert
 
 
 def add_lora(expert: nn.Module, rank: int = 8, alpha: float = 16) -> nn.Module:

@@ -3,6 +3,10 @@
 The expert pool is a plain mapping node id → expert. The routing decision is `Router.route` and the
 per-image expert call is `dispatch`, so an expert-parallel placement that uses the same two pieces
 gives the same outputs for the same weights. A bundle is one safetensors file + one JSON (no pickle).
+
+Of a LoRA tree (every expert but the root = the root's weights + a LoRA, model/lora.py) a bundle stores the
+root in full and only the lora_A / lora_B tensors of the others; bundle.json gives each of them
+`"lora": {"rank", "alpha", "base": 0}`, and loading rebuilds them on the root's weights.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from . import bundle_schema
 from .bundle_schema import BUNDLE_FORMAT
 from .experts import create_expert
 from .extractor import DegradationExtractor
-from .lora import plain_state_dict
+from .lora import add_lora, has_lora, lora_settings, lora_state_dict
 from .router import Route, Router, TaskArg, best_level, gate
 from .tree import DegradationTree
 
@@ -129,25 +133,56 @@ class UniRestorer(nn.Module):
         }
 
     # ---- bundle ---------------------------------------------------------------------------------
+    def _expert_tensors(self, node: int, expert: nn.Module) -> dict[str, Tensor]:
+        """What the bundle stores of one expert: all of a plain one, only the LoRA of one whose base is the
+        root (node 0, plain); any other LoRA expert is refused, since loading rebuilds it on the root."""
+        if not has_lora(expert):
+            return expert.state_dict()
+        root = self.expert(0)
+        if node == 0 or has_lora(root):
+            raise ValueError("save_bundle: the root expert (node 0) has LoRA; a bundle stores LoRA experts as "
+                             "updates of a plain root: merge_lora it first")
+        lora = lora_state_dict(expert)
+        base = {k: v for k, v in expert.state_dict().items() if k not in lora}
+        root_state = root.state_dict()
+        differs = sorted(set(base) ^ set(root_state)) or [k for k in base if not torch.equal(base[k], root_state[k])]
+        if differs:
+            raise ValueError(f"save_bundle: expert {node} has LoRA on a base that is not the root's weights "
+                             f"({differs[0]!r} differs): the bundle stores it as root + LoRA, so it could not be "
+                             f"reloaded; merge_lora it first to store it in full")
+        return lora
+
+    def _bundle_tensors(self) -> tuple[dict[str, Tensor], dict[str, dict]]:
+        """(every tensor save_bundle writes, the bundle.json spec of every expert)."""
+        tensors = {f"tree.{k}": v for k, v in self.tree.to_state()[1].items()}
+        tensors |= {f"extractor.{k}": v for k, v in self.extractor.state_dict().items()}
+        tensors |= {f"router.{k}": v for k, v in self.router.state_dict().items()}
+        specs = {}
+        for node, expert in self._pool().items():
+            tensors |= {f"experts.{node}.{k}": v for k, v in self._expert_tensors(node, expert).items()}
+            lora = lora_settings(expert)
+            specs[str(node)] = {**self.expert_specs[node], **({"lora": {**lora, "base": 0}} if lora else {})}
+        return tensors, specs
+
+    def stored_parameters(self) -> int:
+        """Number of values save_bundle stores (experts of a LoRA tree: the root in full, the others' LoRA)."""
+        return sum(t.numel() for t in self._bundle_tensors()[0].values())
+
     def save_bundle(self, directory: str | Path) -> None:
-        """weights.safetensors (extractor, router, tree centroids, experts with LoRA merged) + bundle.json."""
+        """weights.safetensors (extractor, router, tree centroids, experts: plain ones in full, LoRA ones as
+        their lora_A/lora_B on the root) + bundle.json."""
         if self.extractor_config is None:
             raise ValueError("save_bundle needs extractor_config (the extractor's constructor kwargs)")
         absent = sorted(set(range(self.tree.n_nodes)) - set(self.expert_specs))
         if absent:
             raise ValueError(f"save_bundle needs expert_specs (name, preset, overrides) for node(s) {absent}")
-        tree_meta, tree_tensors = self.tree.to_state()
-        tensors = {f"tree.{k}": v for k, v in tree_tensors.items()}
-        tensors |= {f"extractor.{k}": v for k, v in self.extractor.state_dict().items()}
-        tensors |= {f"router.{k}": v for k, v in self.router.state_dict().items()}
-        for node, expert in self._pool().items():
-            tensors |= {f"experts.{node}.{k}": v for k, v in plain_state_dict(expert).items()}
+        tensors, specs = self._bundle_tensors()
         d = ensure_dir(directory)
-        # copies: safetensors refuses tensors that share memory (tied or shared LoRA base weights)
+        # copies: safetensors refuses tensors that share memory (tied weights)
         with atomic_path(d / WEIGHTS) as tmp:  # temp + rename: an interrupted save leaves the old bundle
             save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}, str(tmp))
         config = {"format": BUNDLE_FORMAT, "extractor": self.extractor_config, "router": self.router.config,
-                  "experts": {str(k): v for k, v in sorted(self.expert_specs.items())}, "tree": tree_meta}
+                  "experts": specs, "tree": self.tree.to_state()[0]}
         atomic_write(d / CONFIG, json.dumps(config, indent=1))
 
     @classmethod
@@ -166,15 +201,30 @@ class UniRestorer(nn.Module):
         tensors = bundle_schema.read_tensors(weights_file, device)
         extractor = build_extractor(**config["extractor"])
         router = Router(**config["router"])
-        specs = {int(k): v for k, v in config["experts"].items()}
+        specs = {int(k): {n: v for n, v in s.items() if n != "lora"} for k, s in config["experts"].items()}
+        loras = {int(k): s["lora"] for k, s in config["experts"].items() if "lora" in s}
         experts = {n: build_expert(**s) for n, s in specs.items()}
+        for n, lora in loras.items():
+            add_lora(experts[n], lora["rank"], lora["alpha"])
         parts = {"extractor.": extractor, "router.": router} | {f"experts.{n}.": e for n, e in experts.items()}
         expected = {"tree.centroids": (len(config["tree"]["parents"]), config["router"]["dim"])}  # router dim = embedding dim
-        expected |= {p + k: v.shape for p, m in parts.items() for k, v in m.state_dict().items()}
+        expected |= {p + k: v.shape for p, m in parts.items()
+                     for k, v in (lora_state_dict(m) if has_lora(m) else m.state_dict()).items()}
         bundle_schema.check_tensors(tensors, expected, str(weights_file))
+
+        def under(prefix: str) -> dict[str, Tensor]:
+            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        # a LoRA expert: its base from the tensors of its base expert (same spec: schema-checked), then its LoRA
+        bases = {f"experts.{n}.": under(f"experts.{lora['base']}.") for n, lora in loras.items()}
         for prefix, module in parts.items():
-            module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            module.load_state_dict(bases.get(prefix, {}) | under(prefix))
             module.to(device)
         tree = DegradationTree.from_state(config["tree"], {"centroids": tensors["tree.centroids"].cpu()}, str(cfg_file))
         model = cls(extractor, tree, router, experts, expert_specs=specs, extractor_config=config["extractor"])
         return model.eval()
+
+
+def bundle_bytes(directory: str | Path) -> int:
+    """Size of a bundle's weights.safetensors in bytes (what a LoRA tree saves on disk)."""
+    return (Path(directory) / WEIGHTS).stat().st_size

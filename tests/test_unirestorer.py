@@ -50,7 +50,7 @@ def build(seed: int = 0, lora_leaf: bool = False) -> UniRestorer:
         with torch.no_grad():
             for p in expert.parameters():
                 p.add_(torch.randn_like(p) * 0.05)
-    if lora_leaf:  # leaf 3 as a LoRA on the root with a non-zero update: the bundle must merge it
+    if lora_leaf:  # leaf 3 as a LoRA on the root with a non-zero update: the bundle stores only its LoRA
         experts[3] = init_child_from_parent(create_expert(**SPEC), experts[0], mode="lora")
         with torch.no_grad():
             for name, p in experts[3].named_parameters():
@@ -185,12 +185,14 @@ def test_bundle_round_trip_gives_identical_outputs(tmp_path):
     model.save_bundle(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle.json", "weights.safetensors"]
     config = json.loads((tmp_path / "bundle.json").read_text())
-    assert config["experts"]["3"] == SPEC and config["router"]["n_leaves"] == 4
+    assert config["experts"]["3"] == {**SPEC, "lora": {"rank": 8, "alpha": 16, "base": 0}}
+    assert config["experts"]["2"] == SPEC and config["router"]["n_leaves"] == 4
     back = UniRestorer.load_bundle(tmp_path, build_extractor=PoolExtractor)
     after, routes_back = back.restore(x)
     assert torch.allclose(after, before, atol=1e-6) and routes_back == routes
     assert torch.equal(back.tree.centroids, model.tree.centroids)
-    # the LoRA leaf came back as a plain expert with the update merged in
+    # the LoRA leaf came back as the root + its LoRA
+    assert torch.equal(back.expert(3).state_dict()["intro.lora_B"], model.expert(3).state_dict()["intro.lora_B"])
     probe = x[:1]
     with torch.no_grad():
         assert torch.allclose(back.expert(3)(probe), model.expert(3)(probe), atol=1e-5)

@@ -51,7 +51,11 @@ class ModelConfig:
     num_blocks: list[int] = field(default_factory=lambda: [4, 6, 6, 8])
     heads: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
     ffn_expansion: float = 2.66
-    lora_rank: int = 0  # 0: full experts; >0 (frozen root + LoRA elsewhere) is refused until the stage trains it
+    # experts: 0 = a full expert per node; r > 0 = the paper's LoRA tree: the root a full expert, frozen once its
+    # level ends, every other node the root's weights + a rank-r LoRA on every conv (the experts stage needs
+    # train.init_from_parent and train.level_end_steps[0] <= train.level_start_steps[1])
+    lora_rank: int = 0
+    lora_alpha: float = 16.0  # LoRA scale alpha / lora_rank (paper: rank 8, alpha 16)
     extractor_backbone: str = "resnet10t"  # any timm model name
     embed_dim: int = 256
     extractor_proj_dim: int = 128  # contrastive projection

@@ -3,8 +3,9 @@
 One process, no DeepSpeed (not even imported): weights.py reads the dense file (extractor, router) and the
 per-expert files; the checkpoint's slot table says which node each file holds (`weights.expert_files_by_node`;
 idle padding slots are skipped). The tree, the
-extractor's and experts' constructor kwargs come from the checkpoint's stage state, so a checkpoint is
-all it needs. The training config and the source checkpoint are added to bundle.json.
+extractor's and experts' constructor kwargs (and a LoRA tree's rank/alpha) come from the checkpoint's stage
+state, so a checkpoint is all it needs. The training config and the source checkpoint are added to
+bundle.json; of a LoRA tree the bundle stores the root in full and only the LoRA of every other node.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from unirestorer.model.experts import create_expert
+from unirestorer.model.lora import tree_expert
 from unirestorer.model.router import Router
 from unirestorer.model.unirestorer import CONFIG, UniRestorer
 from unirestorer.safe_files import atomic_write
@@ -33,7 +34,7 @@ def restorer_from_checkpoint(ckpt: Checkpoint) -> tuple[UniRestorer, str]:
         raise CheckpointError(f"{ckpt.path}: a checkpoint of stage {stage!r}; export needs one of the experts or "
                               f"router stage (it holds the tree and every expert)")
     tree = tree_from_state(state, str(ckpt.path))
-    spec = json.loads(state["expert_spec"])
+    spec, lora = json.loads(state["expert_spec"]), json.loads(state.get("expert_lora", "null"))
     extractor = extractor_from_checkpoint(ckpt)
     if stage == "router":
         router = Router(**json.loads(state["router_config"]))
@@ -43,11 +44,12 @@ def restorer_from_checkpoint(ckpt: Checkpoint) -> tuple[UniRestorer, str]:
         router, note = Router.from_tree(tree), EXPERTS_ONLY_NOTE.format(path=ckpt.path)
     experts = {}
     for node, key in sorted(expert_files_by_node(ckpt, tree.level_sizes).items()):
-        experts[node] = create_expert(**spec)
+        experts[node] = tree_expert(spec, node, lora)
         try:
             experts[node].load_state_dict(ckpt.experts[key])
         except RuntimeError as err:
-            raise CheckpointError(f"{ckpt.path}: expert file of node {node} does not fit {spec}: {err}") from None
+            raise CheckpointError(f"{ckpt.path}: expert file of node {node} does not fit {spec} (LoRA {lora}): "
+                                  f"{err}") from None
     model = UniRestorer(extractor.eval(), tree, router, experts, expert_specs={n: spec for n in experts},
                         extractor_config=extractor.config)
     return model.eval(), note

@@ -11,6 +11,13 @@ parent's weights (broadcast from the parent's rank, so any placement works). Aft
 no more images (its experts stay as they are), so ending a level when the next starts spends every step
 on one level: each image then costs one expert pass instead of n_levels.
 
+LoRA tree (`model.lora_rank` r > 0, alpha `model.lora_alpha`; the paper's variant): the root is a full
+expert, every other node the root's frozen weights + a trainable rank-r LoRA on every conv. The root level
+must end no later than level 1 starts and `train.init_from_parent` must be on (`check_lora_tree`): at its
+start a level-1 node copies the finished root into its base (its LoRA has B = 0, so it starts equal to the
+root), a level-2 node its parent's base and LoRA, so every base is the root. Base weights never require
+grad and are never in the optimizer (no weight decay on them); only lora_A / lora_B train.
+
 Balanced sampling (`data.balance`, the documented simple rule): when `data.train_shards` holds several
 single-task shard sets (a set's task is read from its first sample), the sets are mixed with weights
 w_task = mean over leaves of the leaf's task share, so every leaf gets data in proportion 1/n_leaves
@@ -34,15 +41,15 @@ from torch.nn.utils import parameters_to_vector
 from unirestorer.data_shards.loader import expand_source, make_loader
 from unirestorer.cuda_setup import optimizer_options
 from unirestorer.launch.env import DistInfo
-from unirestorer.model.experts import create_expert
+from unirestorer.model.lora import trainable_parameters
 from unirestorer.model.tree import DegradationTree
 from unirestorer.parallel.dispatch import CommTimer
 from unirestorer.parallel.tree_moe import TreeMoE, check_ds_config, moe_param_groups
 from unirestorer.train.config import ConfigError, RunConfig, build_ds_config
 from unirestorer.train.stage import Metrics, lr_lambda
 from unirestorer.train.stage_state import tree_from_state, tree_to_state
-from unirestorer.train.tree_stage import (TreeModule, all_sum, check_placement, expert_spec, load_init, node_factory,
-                                          stream_config, validate_psnr)
+from unirestorer.train.tree_stage import (TreeModule, all_sum, check_placement, expert_lora, expert_spec, load_init,
+                                          node_factory, stream_config, validate_psnr)
 
 
 def to_channels_last(module: torch.nn.Module, args: tuple) -> tuple:
@@ -87,6 +94,21 @@ def level_schedule(cfg: RunConfig, n_levels: int) -> tuple[list[float], list[int
     return lrs, starts, ends
 
 
+def check_lora_tree(cfg: RunConfig, starts: list[int], ends: list[int]) -> None:
+    """A LoRA tree's root is the frozen base of every node: children must copy it (train.init_from_parent),
+    and only once it is final (its level ends no later than level 1 starts), or their bases would differ."""
+    if not cfg.model.lora_rank:
+        return
+    if not cfg.train.init_from_parent:
+        raise ConfigError(f"model.lora_rank={cfg.model.lora_rank} needs train.init_from_parent = true: every LoRA "
+                          f"node's frozen base is the root's weights, copied in when its level starts")
+    if len(starts) > 1 and ends[0] > starts[1]:
+        raise ConfigError(f"model.lora_rank={cfg.model.lora_rank}: the root level must end no later than level 1 "
+                          f"starts (train.level_end_steps[0]={ends[0]} > train.level_start_steps[1]={starts[1]}): "
+                          f"the root is the frozen base of every node and must not change after its children "
+                          f"copied it; set train.level_end_steps")
+
+
 def set_task(spec: str) -> str | None:
     """Task of a shard set = the task in the JSON of its first shard's first sample (never unpickles)."""
     with tarfile.open(expand_source(spec)[0]) as tar:
@@ -121,8 +143,9 @@ class ExpertsStage:
         n_levels = self.tree.n_levels
         ep = check_placement(cfg, self.tree, dist_info.world_size)
         self.level_lrs, self.starts, self.ends = level_schedule(cfg, n_levels)
-        self.spec = expert_spec(cfg)
-        factory = node_factory(self.spec, t.seed)
+        self.spec, self.lora = expert_spec(cfg), expert_lora(cfg)
+        check_lora_tree(cfg, self.starts, self.ends)
+        self.factory = factory = node_factory(self.spec, t.seed, self.lora)
         self.extractor_config = extractor.config
         tree_moe = TreeMoE(factory, self.tree.level_sizes, ep, cluster_sizes=self.tree.counts.tolist())
         module = TreeModule(extractor, tree_moe).to(self.device)
@@ -186,26 +209,29 @@ class ExpertsStage:
                 self.copy_parents(level)
 
     def copy_parents(self, level: int) -> None:
-        """Every rank takes part: each parent's weights are broadcast from the first rank holding it."""
+        """Every rank takes part: each parent's weights are broadcast from the first rank holding it. A child
+        takes every parameter the parent has, by name: all of a full parent; a LoRA child of the (full) root
+        takes its base and keeps its fresh LoRA, a LoRA child of a LoRA parent takes base and LoRA."""
         moe = self.engine.module.tree_moe
         par, child = moe.placement.levels[level - 1], moe.placement.levels[level]
         local, rank = set(moe.local_nodes()), moe.rank
-        with torch.device("meta"):
-            numel = sum(p.numel() for p in create_expert(**self.spec).parameters())
         with torch.no_grad():
             for parent in range(par.first_node, par.first_node + par.num_nodes):
+                with torch.device("meta"):
+                    sizes = [(n, p.numel()) for n, p in self.factory(parent).named_parameters()]
                 owner = par.position_of(parent)  # ranks 0..ep-1 hold positions 0..ep-1
                 if rank == owner:
                     flat = parameters_to_vector(moe.local_module(parent).parameters())
                 else:
-                    flat = torch.empty(numel, device=self.device, dtype=next(moe.parameters()).dtype)
+                    flat = torch.empty(sum(n for _, n in sizes), device=self.device,
+                                       dtype=next(moe.parameters()).dtype)
                 if dist.is_initialized() and dist.get_world_size() > 1:
                     dist.broadcast(flat, src=owner)
                 for node in range(child.first_node, child.first_node + child.num_nodes):
                     if int(self.tree.parents[node]) == parent and node in local:
-                        params = list(moe.local_module(node).parameters())
-                        for param, chunk in zip(params, flat.split([q.numel() for q in params])):
-                            param.copy_(chunk.view_as(param))  # in place: ZeRO's flat buffers alias them
+                        params = dict(moe.local_module(node).named_parameters())
+                        for (name, _), chunk in zip(sizes, flat.split([n for _, n in sizes])):
+                            params[name].copy_(chunk.view_as(params[name]))  # in place: ZeRO's flat buffers alias them
         refresh = getattr(self.engine.optimizer, "refresh_fp32_params", None)
         if refresh is not None:  # ZeRO / bf16 keep fp32 master copies: take the copied weights there too
             refresh()
@@ -234,11 +260,14 @@ class ExpertsStage:
     def train_only(self, levels: list[int]) -> None:
         """Levels not training at this step (not started, or ended) are frozen, on every rank alike: their
         experts get no images, and frozen they run no idle probe (DeepSpeed counts their parameters as unused:
-        zero gradients, as the probe gave). Active levels keep the probe, so hook order stays equal."""
+        zero gradients, as the probe gave). Active levels keep the probe, so hook order stays equal. Only the
+        trainable parameters are switched: a LoRA expert's base never requires grad."""
         if levels == self.trainable:
             return
         for level, moe in enumerate(self.engine.module.tree_moe.levels):
-            moe.deepspeed_moe.experts.deepspeed_experts.requires_grad_(level in levels)
+            for module in moe.deepspeed_moe.experts.deepspeed_experts:
+                for param in trainable_parameters(module):
+                    param.requires_grad_(level in levels)
         self.trainable = levels
 
     def read_seen(self) -> None:
@@ -276,13 +305,17 @@ class ExpertsStage:
     def state(self) -> dict[str, Any]:
         self.read_seen()  # every rank saves at the same step
         return {**tree_to_state(self.tree), "extractor_config": json.dumps(self.extractor_config),
-                "expert_spec": json.dumps(self.spec), "images_seen": self.seen.clone(),
+                "expert_spec": json.dumps(self.spec), "expert_lora": json.dumps(self.lora),
+                "images_seen": self.seen.clone(),
                 "levels_started": sorted(self.started)}
 
     def load_state(self, state: dict[str, Any]) -> None:
         saved = tree_from_state(state, "checkpoint client state")
         if not torch.equal(saved.centroids, self.tree.centroids) or saved.level_sizes != self.tree.level_sizes:
             raise ConfigError("the checkpoint was trained on another tree than tree.path / the init checkpoint's")
+        if json.loads(state.get("expert_lora", "null")) != self.lora:
+            raise ConfigError(f"the checkpoint's experts have LoRA {state.get('expert_lora', 'null')}, the config asks "
+                              f"for {json.dumps(self.lora)} (model.lora_rank / model.lora_alpha): resume with its values")
         self.seen = state["images_seen"].double().cpu()
         self.unread.zero_()
         self.started |= set(state["levels_started"])

@@ -14,7 +14,8 @@ distribution, how often the chosen node lies on the image's own path, and how of
 is the best one.
 
 The experts come from the experts stage's checkpoint (`train.init_ckpt`), read with weights.py and
-loaded strictly into the local slots (any world size / ep_size). DeepSpeed's ZeRO and bf16 optimizers
+loaded strictly into the local slots (any world size / ep_size), built as its stage state says
+(`expert_spec`, and `expert_lora` for a LoRA tree), which this stage's state carries on for export. DeepSpeed's ZeRO and bf16 optimizers
 require a trainable MoE param group, which a frozen TreeMoE does not have, so this stage runs ZeRO
 stage 0 in fp32 (the router has a few M parameters); on CUDA the frozen experts run under bf16 autocast
 when the DeepSpeed config asked for bf16.
@@ -41,8 +42,8 @@ from unirestorer.train.checkpoint import CheckpointError
 from unirestorer.train.config import ConfigError, RunConfig, build_ds_config
 from unirestorer.train.stage import Metrics, warmup_cosine
 from unirestorer.train.stage_state import tree_from_state, tree_to_state
-from unirestorer.train.tree_stage import (TreeModule, all_sum, check_placement, expert_spec, load_init, node_factory,
-                                          stream_config, validate_psnr)
+from unirestorer.train.tree_stage import (TreeModule, all_sum, check_placement, expert_lora, expert_spec, load_init,
+                                          node_factory, stream_config, validate_psnr)
 from unirestorer.train.weights import expert_files_by_node, read_checkpoint
 
 
@@ -86,10 +87,13 @@ class RouterStage:
         self.cfg, self.dist, self.device = cfg, dist_info, dist_info.device
         extractor, self.tree, init = load_init(cfg)
         saved = init.client_state.get("stage_state", {})
-        self.spec = json.loads(saved["expert_spec"]) if "expert_spec" in saved else expert_spec(cfg)
+        if "expert_spec" in saved:  # the experts as trained (a checkpoint without expert_lora has full experts)
+            self.spec, self.lora = json.loads(saved["expert_spec"]), json.loads(saved.get("expert_lora", "null"))
+        else:
+            self.spec, self.lora = expert_spec(cfg), expert_lora(cfg)
         self.extractor_config = extractor.config
         ep = check_placement(cfg, self.tree, dist_info.world_size)
-        tree_moe = TreeMoE(node_factory(self.spec, cfg.train.seed), self.tree.level_sizes, ep)
+        tree_moe = TreeMoE(node_factory(self.spec, cfg.train.seed, self.lora), self.tree.level_sizes, ep)
         load_tree_weights(tree_moe, cfg.train.init_ckpt)
         t = cfg.train
         router = Router.from_tree(self.tree, dg_weight=t.dg_weight, aux_weight=t.aux_weight,
@@ -109,7 +113,7 @@ class RouterStage:
         self.engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds,
                                                lr_scheduler=warmup_cosine(optimizer, cfg))
         if dist_info.rank == 0:
-            print(f"[router] experts from {cfg.train.init_ckpt} (frozen, {self.spec}); router "
+            print(f"[router] experts from {cfg.train.init_ckpt} (frozen, {self.spec}, LoRA {self.lora}); router "
                   f"{sum(p.numel() for p in router.parameters()) / 1e6:.3f}M params trained with ZeRO stage 0 in "
                   f"fp32{', experts under bf16 autocast' if self.autocast else ''}; loss: paper (dg "
                   f"{t.dg_weight}, aux {t.aux_weight}) + CE leaf {t.leaf_ce_weight} / best level {t.level_ce_weight}",
@@ -161,7 +165,7 @@ class RouterStage:
 
     def state(self) -> dict[str, Any]:
         return {**tree_to_state(self.tree), "extractor_config": json.dumps(self.extractor_config),
-                "expert_spec": json.dumps(self.spec), "router_config": json.dumps(self.engine.module.router.config)}
+                "expert_spec": json.dumps(self.spec), "expert_lora": json.dumps(self.lora), "router_config": json.dumps(self.engine.module.router.config)}
 
     def load_state(self, state: dict[str, Any]) -> None:
         saved = tree_from_state(state, "checkpoint client state")

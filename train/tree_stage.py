@@ -1,6 +1,10 @@
 """What the experts and router stages share: the engine's module, the experts' constructors, the init
 checkpoint, placement checks, data streams and PSNR validation over the tree.
 
+The experts' constructors are stored in the stage state of both stages: `expert_spec` (create_expert kwargs,
+the same for every node) and `expert_lora` ({rank, alpha} of a LoRA tree, null for full experts), so the
+router stage and export build exactly the experts the checkpoint holds.
+
 Module attribute names (`extractor`, `tree_moe`, later `router`) are shared by both stages, so one
 checkpoint's weights load into the other by name; none contains "expert" (DESIGN §3).
 """
@@ -14,8 +18,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from unirestorer.data_shards.loader import StreamConfig
-from unirestorer.model.experts import create_expert
 from unirestorer.model.extractor import DegradationExtractor
+from unirestorer.model.lora import tree_expert
 from unirestorer.model.tree import DegradationTree
 from unirestorer.parallel.placement import plan_placement
 from unirestorer.parallel.tree_moe import TreeMoE
@@ -49,8 +53,6 @@ class TreeModule(nn.Module):
 def expert_spec(cfg: RunConfig) -> dict:
     """create_expert kwargs of every node (stored in checkpoints and bundles)."""
     m = cfg.model
-    if m.lora_rank:
-        raise ConfigError("model.lora_rank > 0: LoRA trees are not trained by the experts stage yet; use 0")
     if m.preset:
         return {"name": m.arch, "preset": m.preset}
     if m.arch != "restormer":
@@ -59,12 +61,22 @@ def expert_spec(cfg: RunConfig) -> dict:
             "heads": list(m.heads), "ffn_expansion": m.ffn_expansion}
 
 
-def node_factory(spec: dict, seed: int) -> Callable[[int], nn.Module]:
-    """Expert of a node, initialised from (seed, node) so any placement builds the same weights."""
+def expert_lora(cfg: RunConfig) -> dict | None:
+    """{rank, alpha} of the LoRA tree `model.lora_rank > 0` asks for; None: a full expert per node."""
+    m = cfg.model
+    if m.lora_rank < 0 or (m.lora_rank and not m.lora_alpha > 0):
+        raise ConfigError(f"model.lora_rank={m.lora_rank} / model.lora_alpha={m.lora_alpha}: the rank must be >= 0 "
+                          f"(0 = full experts) and, for a LoRA tree, alpha > 0")
+    return {"rank": m.lora_rank, "alpha": float(m.lora_alpha)} if m.lora_rank else None
+
+
+def node_factory(spec: dict, seed: int, lora: dict | None = None) -> Callable[[int], nn.Module]:
+    """Expert of a node (model/lora.py: tree_expert), initialised from (seed, node) so any placement builds the
+    same weights."""
     def factory(node: int) -> nn.Module:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed * 100003 + node)
-            return create_expert(**spec)
+            return tree_expert(spec, node, lora)
     return factory
 
 
