@@ -124,8 +124,9 @@ def train_all(runs: list[tuple[str, str, dict]], out: Path, gpus: int) -> dict[s
     done = json.loads(report.read_text()) if report.exists() else {}
     failed = [n for n, r in done.items() if r["code"]] + [n for n, *_ in runs if n not in done][:1]
     if failed:
-        raise RuntimeError(f"run {failed[0]} failed or did not finish (exit code {done.get(failed[0], {}).get('code')});"
-                           f" its output is above, its logs in {out / 'tensorboard' / failed[0]}")
+        code = done.get(failed[0], {}).get("code")
+        raise RuntimeError(f"run {failed[0]} failed or did not finish (exit code {code}); its output is above, its "
+                           f"logs in {out / 'tensorboard' / failed[0]}")
     return done
 
 

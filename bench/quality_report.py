@@ -36,25 +36,28 @@ def mean_psnr(doc: dict, row: str, group: str | None = None) -> float | None:
 
 
 def goals(doc: dict) -> list[dict]:
-    """The issue's goals, each measured on this run: margin > 0 is met."""
-    tree, mixed = mean_psnr(doc, "tree"), "mixed/unseen"
-    sigma25 = next(name for name in doc["results"] if name.startswith("CBSD68 σ25"))
-    r25 = doc["results"][sigma25]
+    """The issue's goals, each measured on this run: margin >= 0 is met."""
+    mixed = "mixed/unseen"
+    r25 = next(rows for name, rows in doc["results"].items() if name.startswith("CBSD68 σ25"))
     costs = doc["costs"]
-    lora_share = costs["lora"]["expert_params"] / max(costs["tree"]["expert_params"], 1)
-    rows = [
-        ("tree routed ≥ dense of equal inference cost + 1.0 dB (mean)", tree - mean_psnr(doc, "dense_inference") - 1.0,
-         f"{tree:.2f} vs {mean_psnr(doc, 'dense_inference'):.2f}"),
-        ("tree routed ≥ dense of equal training compute (mean)", tree - mean_psnr(doc, "dense_compute"),
-         f"{tree:.2f} vs {mean_psnr(doc, 'dense_compute'):.2f}"),
-        ("mixed/unseen sets: granularity routing ≥ leaf-only", mean_psnr(doc, "tree", mixed) - mean_psnr(doc, "tree_leaf", mixed),
-         f"{mean_psnr(doc, 'tree', mixed):.2f} vs {mean_psnr(doc, 'tree_leaf', mixed):.2f}"),
-        ("LoRA tree within 0.5 dB of the full tree (mean)", mean_psnr(doc, "lora") - tree + 0.5,
-         f"{mean_psnr(doc, 'lora'):.2f} vs {tree:.2f}, {lora_share:.1%} of its expert parameters"),
-        ("CBSD68 σ25: routed within 0.5 dB of the classical floor", r25["tree"]["psnr"] - r25["classical"]["psnr"] + 0.5,
-         f"{r25['tree']['psnr']:.2f} vs {r25['classical']['psnr']:.2f}"),
+    share = costs["lora"]["expert_params"] / max(costs["tree"]["expert_params"], 1)
+
+    def compare(goal: str, a: float, b: float, offset: float, note: str = "") -> dict:
+        return {"goal": goal, "measured": f"{a:.2f} vs {b:.2f}{note}", "margin": round(a - b - offset, 3),
+                "met": bool(a - b - offset >= 0)}
+
+    tree = mean_psnr(doc, "tree")
+    return [
+        compare("tree routed ≥ dense of equal inference cost + 1.0 dB (mean)", tree,
+                mean_psnr(doc, "dense_inference"), 1.0),
+        compare("tree routed ≥ dense of equal training compute (mean)", tree, mean_psnr(doc, "dense_compute"), 0.0),
+        compare("mixed/unseen sets: granularity routing ≥ leaf-only", mean_psnr(doc, "tree", mixed),
+                mean_psnr(doc, "tree_leaf", mixed), 0.0),
+        compare("LoRA tree within 0.5 dB of the full tree (mean)", mean_psnr(doc, "lora"), tree, -0.5,
+                f", {share:.1%} of its expert parameters"),
+        compare("CBSD68 σ25: routed within 0.5 dB of the classical floor", r25["tree"]["psnr"],
+                r25["classical"]["psnr"], -0.5),
     ]
-    return [{"goal": g, "measured": m, "margin": round(float(v), 3), "met": bool(v >= 0)} for g, v, m in rows]
 
 
 def _cell(value: dict) -> str:
@@ -77,8 +80,8 @@ def markdown(doc: dict) -> str:
             c = doc["costs"][cost]
             extra = [f"{c['image_passes']:,}", f"{c['train_seconds']:.0f}",
                      f"{c['bundle_bytes'] / 2**20:.2f} ({c['expert_params']:,})"]
-        lines.append("| " + " | ".join([title, *cells, _num(mean_psnr(doc, row)), _num(mean_psnr(doc, row, "mixed/unseen")),
-                                        *extra]) + " |")
+        means = [_num(mean_psnr(doc, row)), _num(mean_psnr(doc, row, "mixed/unseen"))]
+        lines.append("| " + " | ".join([title, *cells, *means, *extra]) + " |")
     n = ", ".join(f"{s} {v['n']}" for s, v in doc["sets"].items())
     mixed = ", ".join(s for s, v in doc["sets"].items() if v["group"] == "mixed/unseen")
     notes = [
