@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import shutil
 import sys
 import time
@@ -170,7 +171,7 @@ def evaluate_models(bundles: dict[str, Path], sets: list[TestSet], data: Path, o
                 rows[row] = s[method]
             shown[name] = outs[:2]
         results[ts.name] = rows
-        write_side_by_side(out / "eval" / f"{ts.name.replace(' ', '_')}.png", samples[:2], shown)
+        write_side_by_side(out / "eval" / f"{slug(ts.name)}.png", samples[:2], shown)
     return results
 
 
@@ -179,6 +180,11 @@ def evaluate_one(model, samples: list, set_task: str | None, denoiser: str) -> t
     from unirestorer.metrics import Convention
 
     return evaluate(model, samples, Convention(), progress=False, set_task=set_task, denoiser=denoiser)
+
+
+def slug(name: str) -> str:
+    """A test set's name as a plain file name: 'Kodak24 haze+blur (unseen)' -> 'Kodak24_haze_blur_unseen'."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", name.replace("σ", "sigma")).strip("_")
 
 
 def write_side_by_side(path: Path, samples: list, shown: dict[str, list]) -> None:
@@ -203,6 +209,18 @@ def write_side_by_side(path: Path, samples: list, shown: dict[str, list]) -> Non
 
 
 # ---- the benchmark ----------------------------------------------------------------------------
+def parse_override(text: str) -> tuple[str, str, object]:
+    """'train.loss=psnr' -> ('train', 'loss', 'psnr'); the stage's config refuses unknown keys when it starts."""
+    name, sep, raw = text.partition("=")
+    section, dot, key = name.partition(".")
+    if not sep or not dot or not section or not key:
+        raise ValueError(f"--experts {text!r}: expected SECTION.KEY=VALUE, e.g. train.loss=psnr")
+    try:
+        return section, key, json.loads(raw)
+    except json.JSONDecodeError:
+        return section, key, raw
+
+
 def prepare_out(out: Path) -> None:
     if out.exists() and not (out / MARKER).exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"--out {out}: exists and is not an earlier quality run's folder; choose another")
@@ -221,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[1].parent / "shared" / "data",
                    help="the shared data folder (train/BSDS_clean, train/LOL, test/...)")
     p.add_argument("--gpus", type=int, default=0, help="train on N GPUs (default: 2 CPU ranks)")
+    p.add_argument("--experts", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a key of every experts-stage run (tree, dense, LoRA), e.g. train.loss=psnr; "
+                        "repeatable; VALUE is JSON where it parses, else a string")
     args = p.parse_args(argv)
     from unirestorer.demo import FULL, QUICK, stage_configs
 
@@ -232,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                                "test/LOL") if not (args.data / d).is_dir()]
         if missing:
             raise ValueError(f"--data {args.data}: missing {', '.join(missing)}")
+        overrides = [parse_override(o) for o in args.experts]
         out = args.out.resolve()
         prepare_out(out)
     except (ValueError, FileExistsError) as err:
@@ -243,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     train, val = write_data(args.data, out, sizes, args.quick)
     base = stage_configs(out, train, val, sizes, scale)
     runs = plan(base, out / "checkpoints")
+    for _, stage, cfg in runs:
+        for section, key, value in overrides if stage == "experts" else ():
+            cfg.setdefault(section, {})[key] = value
     seconds = train_all(runs, out, args.gpus)
 
     from unirestorer.train.export import export
@@ -262,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
                         "bundle_bytes": size, "expert_params": params}
     doc = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(["python bench/quality.py", *(argv or sys.argv[1:])]),
            "steps": {r: c["train"].get("max_steps") for r, _, c in runs}, "runs": seconds,
+           "experts_overrides": args.experts,
            "sets": {ts.name: {"group": ts.group, "n": ts.limit} for ts in sets}, "results": results, "costs": costs,
            "classical": "NL-means" if args.quick else "BM3D (σ known) for noise, dark channel prior for haze",
            "seconds": round(time.monotonic() - start, 1)}

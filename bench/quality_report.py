@@ -91,7 +91,8 @@ def markdown(doc: dict) -> str:
         "counted them. Train wall: the model's own runs (tree: extractor + cluster + experts + router; dense: its "
         "root-only tree + experts; LoRA tree: experts + router, on the tree's extractor and tree). Bundle: "
         "weights.safetensors (with the extractor and router), expert parameters stored in it.",
-        f"Steps per run: {', '.join(f'{k} {v}' for k, v in doc['steps'].items() if v)}. Total wall "
+        f"Steps per run: {', '.join(f'{k} {v}' for k, v in doc['steps'].items() if v)}. Experts-stage overrides: "
+        f"{', '.join(doc['experts_overrides']) or 'none (the main job recipe)'}. Total wall "
         f"{doc['seconds'] / 60:.1f} min.", "", "| goal | measured | margin (dB) | |", "|---|---|---|---|"]
     notes += [f"| {g['goal']} | {g['measured']} | {g['margin']:+.2f} | {'met' if g['met'] else '**missed**'} |"
               for g in doc["goals"]]

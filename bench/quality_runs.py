@@ -63,10 +63,11 @@ def plan(base: dict[str, dict], ckpt: Path) -> list[tuple[str, str, dict]]:
     router["train"] |= {"init_ckpt": str(ckpt / "lora_experts")}
     router["ckpt"] |= {"dir": str(ckpt / "lora_router")}
     runs.append(("lora_router", "router", router))
+    log_root = Path(base["experts"]["log"]["dir"])
     for name, stage, cfg in runs:  # every run logs to a folder of its own
         cfg["train"]["stage"] = stage
         cfg["ckpt"]["resume"] = "none"
-        cfg["log"]["dir"] = str(Path(base["experts"]["log"]["dir"]) / name)
+        cfg["log"] = {**cfg["log"], "dir": str(log_root / name)}
     return runs
 
 

@@ -19,7 +19,7 @@ sys.path.insert(0, str(REPO / "bench"))
 @pytest.mark.slow
 @pytest.mark.skipif(not (DATA / "test" / "CBSD68").is_dir(), reason="needs ../shared/data beside the repository")
 def test_quick_run_table_structure_conventions_and_costs(tmp_path):
-    from quality import load_test_set, test_sets
+    from quality import load_test_set, slug, test_sets
     from quality_report import CONVENTION, ROWS
 
     out = tmp_path / "q"
@@ -39,7 +39,7 @@ def test_quick_run_table_structure_conventions_and_costs(tmp_path):
             assert (v["psnr"] is not None) == has_value, (ts.name, row)
             if has_value:
                 assert 0 < v["psnr"] < 100 and 0 <= v["ssim"] <= 1
-        assert (out / "eval" / f"{ts.name.replace(' ', '_')}.png").stat().st_size > 1000
+        assert (out / "eval" / f"{slug(ts.name)}.png").stat().st_size > 1000
     # the input row is the PSNR of the loaded input itself (RGB, float, no rounding)
     s = load_test_set(sets[1], DATA, 64)[0]
     mse = np.mean((s.lq.astype(np.float64) - s.gt) ** 2)
@@ -51,6 +51,7 @@ def test_quick_run_table_structure_conventions_and_costs(tmp_path):
     assert c["dense_inference"]["expert_params"] * 25 == c["tree"]["expert_params"]  # tree [1, 8, 16]: 25 experts
     assert c["lora"]["expert_params"] < 0.5 * c["tree"]["expert_params"]
     assert c["lora"]["bundle_bytes"] < c["tree"]["bundle_bytes"]
+    assert slug("Kodak24 haze+blur (unseen)") == "Kodak24_haze_blur_unseen" and slug("CBSD68 σ25") == "CBSD68_sigma25"
     assert [g["met"] for g in doc["goals"]] == [g["margin"] >= 0 for g in doc["goals"]] and len(doc["goals"]) == 5
     table = (out / "quality.md").read_text()
     assert CONVENTION in table and "| goal | measured | margin (dB) | |" in table
