@@ -72,6 +72,7 @@ def test_stage_configs_fit_the_schema_and_chain_the_stages(tmp_path: Path) -> No
     e = loaded["experts"]
     assert e.train.max_steps == steps and e.train.level_start_steps == [0, steps // 3, 2 * steps // 3]
     assert e.train.level_end_steps == [steps // 3, 2 * steps // 3, steps]  # one level at a time, root first
+    assert e.train.loss == "psnr" and loaded["router"].train.loss == "l1"  # the experts' PSNR loss (quality bench)
     assert loaded["router"].deepspeed.micro_batch == demo.FULL.micro_batch["router"]
     assert "max_steps" not in configs["cluster"]["train"]  # not a training loop
     assert e.tree.levels == [] and loaded["router"].tree.path == str(ck / "tree")  # sized from the data
