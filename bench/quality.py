@@ -191,23 +191,11 @@ def slug(name: str) -> str:
 
 def write_side_by_side(path: Path, samples: list, shown: dict[str, list]) -> None:
     """input | each model's output | ground truth, one row per image, labelled."""
-    import cv2
+    from unirestorer.evaluate import grid_png
 
-    from unirestorer.data_shards.imageio import to_uint8
-
-    rows = []
-    for i, s in enumerate(samples):
-        cells = []
-        for img, text in [(s.lq, "input")] + [(v[i], k) for k, v in shown.items()] + [(s.gt, "GT")]:
-            h, w = img.shape[:2]
-            cell = cv2.resize(to_uint8(img), (max(1, round(w * 160 / h)), 160), interpolation=cv2.INTER_AREA)
-            cv2.putText(cell, text, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 0), 1, cv2.LINE_AA)
-            cells.append(cell)
-        rows.append(np.hstack(cells))
-    width = max(r.shape[1] for r in rows)
-    grid = np.vstack([np.pad(r, ((0, 2), (0, width - r.shape[1]), (0, 0))) for r in rows])
+    rows = [[(s.lq, "input"), *((v[i], k) for k, v in shown.items()), (s.gt, "GT")] for i, s in enumerate(samples)]
     path.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(path), cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
+    path.write_bytes(grid_png(rows, height=160))
 
 
 # ---- the benchmark ----------------------------------------------------------------------------

@@ -225,29 +225,35 @@ def _finite(x):
 def write_grid(path: Path, samples: list[Sample], records: list[dict], outputs: list[np.ndarray],
                k: int = 3, height: int = 128) -> None:  # fmt: skip
     """PNG: the k worst then the k best images by routed PSNR, as input | routed | ground truth."""
+    order = np.argsort([r["routed_psnr"] for r in records], kind="stable")
+    picks = list(order[:k]) + [i for i in order[-k:] if i not in order[:k]]
+    rows = [[(samples[i].lq, f"input {records[i]['input_psnr']:.2f}"),
+             (outputs[i], f"routed {records[i]['routed_psnr']:.2f}"), (samples[i].gt, f"{samples[i].name} GT")]
+            for i in picks]
+    atomic_write(path, grid_png(rows, height))
+
+
+def grid_png(rows: list[list[tuple[np.ndarray, str]]], height: int = 128) -> bytes:
+    """PNG bytes of labelled images (HxWx3 float in [0, 1]), each scaled to `height`, one list per row."""
     import cv2
 
     from unirestorer.data_shards.imageio import to_uint8
 
-    order = np.argsort([r["routed_psnr"] for r in records], kind="stable")
-    picks = list(order[:k]) + [i for i in order[-k:] if i not in order[:k]]
-    rows = []
-    for i in picks:
-        r, s = records[i], samples[i]
+    lines = []
+    for row in rows:
         cells = []
-        for img, text in ((s.lq, f"input {r['input_psnr']:.2f}"), (outputs[i], f"routed {r['routed_psnr']:.2f}"),
-                          (s.gt, f"{s.name} GT")):
+        for img, text in row:
             h, w = img.shape[:2]
             cell = cv2.resize(to_uint8(img), (max(1, round(w * height / h)), height), interpolation=cv2.INTER_AREA)
             cv2.putText(cell, text, (4, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 0), 1, cv2.LINE_AA)
             cells.append(cell)
-        rows.append(np.hstack(cells))
-    width = max(r.shape[1] for r in rows)
-    grid = np.vstack([np.pad(r, ((0, 2), (0, width - r.shape[1]), (0, 0))) for r in rows])
+        lines.append(np.hstack(cells))
+    width = max(r.shape[1] for r in lines)
+    grid = np.vstack([np.pad(r, ((0, 2), (0, width - r.shape[1]), (0, 0))) for r in lines])
     ok, png = cv2.imencode(".png", cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
     if not ok:
-        raise OSError(f"{path}: OpenCV could not encode the grid")
-    atomic_write(path, png.tobytes())
+        raise OSError("OpenCV could not encode the grid")
+    return png.tobytes()
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
