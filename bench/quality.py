@@ -87,7 +87,7 @@ def load_test_set(ts: TestSet, data: Path, crop: int | None) -> list:
 def write_data(data: Path, out: Path, sizes, quick: bool) -> tuple[list[str], list[str]]:
     """Training shard sets (one per task and mixture, plus LOL's real pairs) and validation shards."""
     from unirestorer.data_shards.writer import list_images, write_paired
-    from unirestorer.demo import write_shards
+    from unirestorer.demo import shard_pattern, write_shards
 
     photos = list_images(data / "train" / "BSDS_clean")
     folders = {"val": photos[:sizes.val_photos], "train": photos[sizes.val_photos:][:sizes.train_photos]}
@@ -102,9 +102,7 @@ def write_data(data: Path, out: Path, sizes, quick: bool) -> tuple[list[str], li
     m = write_paired(lol / "low", lol / "high", "lowlight", out / "shards" / "train" / "lol_real",
                      per_image=1 if quick else 2 * sizes.per_image, patch=sizes.stored, seed=0,
                      shard_size=sizes.shard_size, workers=1, force=True)
-    n = len(m["shards"])
-    train.append(str(out / "shards" / "train" / "lol_real" /
-                     (f"shard-{{000000..{n - 1:06d}}}.tar" if n > 1 else "shard-000000.tar")))
+    train.append(shard_pattern(out / "shards" / "train" / "lol_real", len(m["shards"])))
     return train, val
 
 
@@ -144,10 +142,11 @@ def bundle_size(bundle: Path) -> tuple[int, int]:
     """(bytes of weights.safetensors, expert parameters stored in it)."""
     from safetensors import safe_open
 
-    path = bundle / "weights.safetensors"
-    with safe_open(str(path), "pt") as f:
+    from unirestorer.model.unirestorer import WEIGHTS, bundle_bytes
+
+    with safe_open(str(bundle / WEIGHTS), "pt") as f:
         params = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys() if k.startswith("experts."))
-    return path.stat().st_size, params
+    return bundle_bytes(bundle), params
 
 
 # ---- evaluation -------------------------------------------------------------------------------
@@ -157,7 +156,8 @@ def evaluate_models(bundles: dict[str, Path], sets: list[TestSet], data: Path, o
     import torch
     from tqdm import tqdm
 
-    from unirestorer.evaluate import summarise
+    from unirestorer.evaluate import evaluate, summarise
+    from unirestorer.metrics import Convention
     from unirestorer.model.unirestorer import UniRestorer
 
     torch.set_num_threads(2)
@@ -167,7 +167,9 @@ def evaluate_models(bundles: dict[str, Path], sets: list[TestSet], data: Path, o
         samples = load_test_set(ts, data, crop)
         rows, shown = {}, {}
         for name, model in models.items():
-            recs, outs = evaluate_one(model, samples, ts.task if name == "tree" else None, denoiser)
+            # the classical row once, with the tree: the other models' evaluations skip it (set_task None)
+            recs, outs = evaluate(model, samples, Convention(), progress=False,
+                                  set_task=ts.task if name == "tree" else None, denoiser=denoiser)
             s = summarise(recs)
             for row, method in row_values(name):
                 rows[row] = s[method]
@@ -175,13 +177,6 @@ def evaluate_models(bundles: dict[str, Path], sets: list[TestSet], data: Path, o
         results[ts.name] = rows
         write_side_by_side(out / "eval" / f"{slug(ts.name)}.png", samples[:2], shown)
     return results
-
-
-def evaluate_one(model, samples: list, set_task: str | None, denoiser: str) -> tuple[list[dict], list]:
-    from unirestorer.evaluate import evaluate
-    from unirestorer.metrics import Convention
-
-    return evaluate(model, samples, Convention(), progress=False, set_task=set_task, denoiser=denoiser)
 
 
 def slug(name: str) -> str:

@@ -195,8 +195,13 @@ def write_shards(photos: Path, out: Path, tasks: tuple[str, ...], sizes: Sizes, 
         m = write_synthetic(photos, out / task, (task,), per_image=per_image, patch=sizes.stored, seed=seed + i,
                             shard_size=sizes.shard_size, workers=1, force=True)  # fmt: skip
         n = len(m["shards"])
-        patterns.append(str(out / task / (f"shard-{{000000..{n - 1:06d}}}.tar" if n > 1 else "shard-000000.tar")))
+        patterns.append(shard_pattern(out / task, n))
     return patterns
+
+
+def shard_pattern(folder: Path, n: int) -> str:
+    """The brace pattern of the n shards `shards write` made in folder."""
+    return str(folder / (f"shard-{{000000..{n - 1:06d}}}.tar" if n > 1 else "shard-000000.tar"))
 
 
 def stage_configs(out: Path, shards: list[str], val: list[str], sizes: Sizes, scale: float) -> dict[str, dict]:
