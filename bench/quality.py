@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_report import goals, markdown, row_values  # noqa: E402
+from quality_report import MIXED, goals, markdown, row_values  # noqa: E402
 from quality_runs import BUNDLE_OF, EXPERTS_RUN, MODELS, plan, worker  # noqa: E402
 
 TRAIN_TASKS = ("noise", "blur", "rain", "haze", "lowlight")
@@ -43,7 +43,7 @@ MARKER = ".unirestorer-quality"
 @dataclasses.dataclass(frozen=True)
 class TestSet:
     name: str
-    group: str  # "single" or "mixed/unseen" (GROUPS)
+    group: str  # "single" or MIXED
     task: str | None  # the set's degradation, for the classical row (None: no classical method)
     limit: int  # images (the first ones, sorted by name)
 
@@ -51,10 +51,10 @@ class TestSet:
 def test_sets(quick: bool) -> list[TestSet]:
     n = (lambda k: 1) if quick else (lambda k: k)
     sets = [TestSet(f"CBSD68 σ{s}", "single", "noise", n(12)) for s in (15, 25, 50)]
-    sets += [TestSet("Rain100L", "mixed/unseen", "rain", n(24)), TestSet("LOL", "single", "lowlight", n(15)),
+    sets += [TestSet("Rain100L", MIXED, "rain", n(24)), TestSet("LOL", "single", "lowlight", n(15)),
              TestSet("Kodak24 blur", "single", "blur", n(12)), TestSet("Kodak24 haze", "single", "haze", n(12)),
-             TestSet(f"Kodak24 {SEEN_MIX}", "mixed/unseen", None, n(12)),
-             TestSet(f"Kodak24 {UNSEEN_MIX} (unseen)", "mixed/unseen", None, n(12))]
+             TestSet(f"Kodak24 {SEEN_MIX}", MIXED, None, n(12)),
+             TestSet(f"Kodak24 {UNSEEN_MIX} (unseen)", MIXED, None, n(12))]
     return sets
 
 

@@ -9,20 +9,18 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).parent))
 import lora_tree_worker  # noqa: E402
 
 from conftest import TINY_EXPERT, TINY_EXTRACTOR, build_tiny_unirestorer  # noqa: E402
-from test_train_stages import free_port, write_shards  # noqa: E402
+from test_train_stages import spawn_stage_workers, write_shards  # noqa: E402
 
 LEVELS, LORA = [1, 2, 4], {"rank": 4, "alpha": 8.0}
 LEVEL1, LEVEL2 = (1, 2), (3, 4, 5, 6)
@@ -59,17 +57,8 @@ def configs(root: Path, shards: dict[str, str]) -> dict[str, dict]:
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora_tree")
-    env = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-           "TORCH_EXTENSIONS_DIR": str(Path(sys.prefix) / "torch_extensions")}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        cfgs = configs(root, write_shards(root))
-        mp.start_processes(lora_tree_worker.run, args=(2, free_port(), cfgs, str(root)), nprocs=2,
-                           start_method="spawn")
-    finally:
-        for k, v in old.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    cfgs = configs(root, write_shards(root))
+    spawn_stage_workers(lora_tree_worker.run, cfgs, root)
     reports = [json.loads((root / f"report_rank{r}.json").read_text()) for r in range(2)]
     return root, cfgs, reports
 

@@ -86,20 +86,24 @@ def configs(root: Path, shards: dict[str, str]) -> dict[str, dict]:
     }
 
 
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    root = tmp_path_factory.mktemp("stages")
+def spawn_stage_workers(run, cfgs: dict, root: Path) -> None:
+    """`run(rank, 2, port, cfgs, root)` on 2 spawned CPU ranks (DeepSpeed's CPU accelerator); env restored after."""
     env = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
            "TORCH_EXTENSIONS_DIR": str(Path(sys.prefix) / "torch_extensions")}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        cfgs = configs(root, write_shards(root))
-        mp.start_processes(train_stages_worker.run, args=(2, free_port(), cfgs, str(root)), nprocs=2,
-                           start_method="spawn")
+        mp.start_processes(run, args=(2, free_port(), cfgs, str(root)), nprocs=2, start_method="spawn")
     finally:
         for k, v in old.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stages")
+    cfgs = configs(root, write_shards(root))
+    spawn_stage_workers(train_stages_worker.run, cfgs, root)
     return root, cfgs
 
 
