@@ -15,9 +15,13 @@ Label (JSON-able, same shape for single and mixed degradations)::
 the maximum over its components, i.e. the severity of its worst part. A mixture has 2-4 components
 of distinct families, applied in the order light meets them (PHYSICAL_ORDER).
 
-Tasks: a family (one component), "mixed" (2-4 families drawn per image), or a fixed mixture named by
-its families joined with "+" ("blur+noise": exactly those, fresh parameters per image). `task_name`
-checks a task and spells a fixed mixture in physical order, the name its labels carry.
+Tasks: a family (one component), "mixed" (2-4 families drawn per image), a fixed mixture named by
+its families joined with "+" ("blur+noise": exactly those, fresh parameters per image), or "clean"
+(no component, intensity 0: the image as it is, so every stage learns that some photos need nothing
+done). `task_name` checks a task and spells a fixed mixture in physical order, the name its labels carry.
+
+The noise family includes `camera_noise` (camera.py): raw-space shot + read noise through a camera
+pipeline, what real photos carry, beside i.i.d. Gaussian and Poisson noise in sRGB.
 """
 
 from __future__ import annotations
@@ -29,11 +33,12 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 from unirestorer.data_shards import weather
+from unirestorer.data_shards.camera import camera_noise, sample_camera_noise
 from unirestorer.data_shards.imageio import to_uint8
 from unirestorer.data_shards.kernels import disk_kernel, gaussian_kernel, path_kernel, shake_path
 
 FAMILIES: tuple[str, ...] = ("noise", "blur", "jpeg", "rain", "haze", "lowlight", "snow")
-TASKS: tuple[str, ...] = FAMILIES + ("mixed",)
+TASKS: tuple[str, ...] = FAMILIES + ("mixed", "clean")
 # The order light meets them: illumination, scattering, optics, precipitation, sensor, codec.
 PHYSICAL_ORDER: tuple[str, ...] = ("lowlight", "haze", "blur", "rain", "snow", "noise", "jpeg")
 MIX_SIZES = (2, 3, 4)
@@ -221,6 +226,7 @@ class Degradation(NamedTuple):
 DEGRADATIONS: dict[str, Degradation] = {
     "gaussian_noise": Degradation("noise", sample_gaussian_noise, gaussian_noise),
     "poisson_noise": Degradation("noise", sample_poisson_noise, poisson_noise),
+    "camera_noise": Degradation("noise", sample_camera_noise, camera_noise),
     "gaussian_blur": Degradation("blur", sample_gaussian_blur, gaussian_blur),
     "defocus_blur": Degradation("blur", sample_defocus_blur, defocus_blur),
     "motion_blur": Degradation("blur", sample_motion_blur, motion_blur),
@@ -257,6 +263,8 @@ def task_name(task: str) -> str:
 def sample_label(task: str, rng: np.random.Generator) -> dict:
     """A label for `task` (see `task_name`): one component, or a mixture's families in physical order."""
     task = task_name(task)
+    if task == "clean":
+        return {"task": "clean", "intensity": 0.0, "components": []}
     if task == "mixed":
         n = int(rng.choice(MIX_SIZES))
         picked = set(rng.choice(len(FAMILIES), size=n, replace=False).tolist())

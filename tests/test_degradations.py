@@ -144,7 +144,7 @@ def test_intensity_is_in_unit_range_and_monotone() -> None:
     assert [s[1] for s in jp] == sorted(s[1] for s in jp)
 
 
-@pytest.mark.parametrize("task", dg.TASKS)
+@pytest.mark.parametrize("task", [t for t in dg.TASKS if t != "clean"])  # clean: test_camera_noise.py
 def test_synthesize_is_deterministic_and_in_range(task: str) -> None:
     img = _textured(48, 64)
     a, la = dg.synthesize(img, task, np.random.default_rng(9))
@@ -157,7 +157,7 @@ def test_synthesize_is_deterministic_and_in_range(task: str) -> None:
     assert not np.array_equal(a, img)
 
 
-@pytest.mark.parametrize("task", dg.TASKS)
+@pytest.mark.parametrize("task", [t for t in dg.TASKS if t != "clean"])  # clean: test_camera_noise.py
 def test_label_json_round_trip_reproduces_the_image(task: str) -> None:
     img = _textured(48, 48)
     lq, label = dg.synthesize(img, task, np.random.default_rng(10))
