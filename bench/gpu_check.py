@@ -64,7 +64,7 @@ DRY = Plan(preset="tiny", patch=32, batches=(2,), steps=2, log_every=1, workers=
 def write_data(out: Path, plan: Plan) -> list[str]:
     """One shard set per task from skimage's bundled photos (no network); returns the shard patterns."""
     from unirestorer.data_shards.writer import write_synthetic
-    from unirestorer.demo import save_photos
+    from unirestorer.demo_data import save_photos
 
     photos = out / "photos"
     save_photos(photos, PHOTOS)

@@ -87,7 +87,7 @@ def load_test_set(ts: TestSet, data: Path, crop: int | None) -> list:
 def write_data(data: Path, out: Path, sizes, quick: bool) -> tuple[list[str], list[str]]:
     """Training shard sets (one per task and mixture, plus LOL's real pairs) and validation shards."""
     from unirestorer.data_shards.writer import list_images, write_paired
-    from unirestorer.demo import shard_pattern, write_shards
+    from unirestorer.demo_data import shard_pattern, write_shards
 
     photos = list_images(data / "train" / "BSDS_clean")
     folders = {"val": photos[:sizes.val_photos], "train": photos[sizes.val_photos:][:sizes.train_photos]}
@@ -113,7 +113,7 @@ def train_all(runs: list[tuple[str, str, dict]], out: Path, gpus: int) -> dict[s
 
     import torch.multiprocessing as mp
 
-    from unirestorer.demo import free_port, launcher_env, release_shm
+    from unirestorer.demo_stages import free_port, launcher_env, release_shm
 
     os.environ.update({k: v for k, v in launcher_env(gpus).items() if k in ("DS_ACCELERATOR", "OMP_NUM_THREADS",
                                                                           "TORCH_EXTENSIONS_DIR")})
@@ -228,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="override a key of every experts-stage run (tree, dense, LoRA), e.g. train.loss=psnr; "
                         "repeatable; VALUE is JSON where it parses, else a string")
     args = p.parse_args(argv)
-    from unirestorer.demo import FULL, QUICK, stage_configs
+    from unirestorer.demo_data import FULL, QUICK
+    from unirestorer.demo_stages import stage_configs
 
     try:
         if args.budget_minutes <= FIXED_MINUTES and not args.quick:

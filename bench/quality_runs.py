@@ -1,7 +1,7 @@
 """The training runs of bench/quality.py: which stage runs with which config, and the 2-rank worker.
 
 Every model is trained by the project's own stages (train/loop.py, train/stage_cluster.py) on the same
-shards, with the main job's recipe (`unirestorer.demo.stage_configs`); only the differences are here:
+shards, with the main job's recipe (`unirestorer.demo_stages.stage_configs`); only the differences are here:
 
     extractor, cluster           shared by the UniRestorer tree and the LoRA tree
     experts, router              model 1, the UniRestorer tree, levels trained one after the other

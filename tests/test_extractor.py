@@ -206,15 +206,15 @@ def test_extractor_learns_at_the_demo_settings() -> None:
         (pytest.fail if os.environ.get("CI") else pytest.skip)(f"{BSDS} not found")
     from PIL import Image
 
-    from unirestorer import demo
+    from unirestorer import demo_data, demo_stages
     from unirestorer.train.config import from_dict
     from unirestorer.train.stage_extractor import build_extractor
 
-    configs = demo.stage_configs(Path("out"), ["x.tar"], [], demo.FULL, 1.0)
+    configs = demo_stages.stage_configs(Path("out"), ["x.tar"], [], demo_data.FULL, 1.0)
     cfg = from_dict(configs["extractor"])
     photos = [np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 255 for p in sorted(BSDS.iterdir())]
     train, test = photos[60:260], photos[:40]  # the demo holds out the first photos too
-    tasks = demo.DEMO_TASKS
+    tasks = demo_data.DEMO_TASKS
     torch.manual_seed(0)
     model = build_extractor(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
