@@ -32,7 +32,7 @@ REQUIRED = ("format", "extractor", "router", "experts", "tree")
 FREE_FORM = ("source", "training_config")  # provenance written by export; never passed to a constructor
 EXTRACTOR_EXTRAS = {"families": list[str]}  # optional keys the extractor config may carry beyond its kwargs
 TREE_KEYS = {"level_sizes": list[int], "parents": list[int], "counts": list[int], "task_names": list[str],
-             "task_counts": list[list[int]]}
+             "task_counts": list[list[int]], "radii": list[float]}  # radii: optional (trees before them)
 LORA_KEYS = {"rank": int, "alpha": float, "base": int}
 MAX_INT = 1 << 20  # a width, depth or count beyond this is not a model this project builds
 MAX_LIST = 1 << 16
@@ -136,7 +136,7 @@ def check_config(config: Any, source: str, build_extractor: Callable[..., Any] |
         check_backbone(config["extractor"]["backbone"], f"{source}: extractor.backbone")
     check_kwargs(config["router"], Router, f"{source}: router")
     tree = config["tree"]
-    check_fields(tree, TREE_KEYS, list(TREE_KEYS), f"{source}: tree")
+    check_fields(tree, TREE_KEYS, [k for k in TREE_KEYS if k != "radii"], f"{source}: tree")
     n_nodes = sum(tree["level_sizes"])
     experts = config["experts"]
     if not isinstance(experts, dict) or sorted(experts) != sorted(str(n) for n in range(n_nodes)):

@@ -35,6 +35,8 @@ class Route:
     level_logits: Tensor  # [B, n_levels]
     e_d: Tensor | None = None  # [B, d] centroid estimate
     e_g: Tensor | None = None  # [B, d] log-variance
+    router_level: Tensor | None = None  # [B] t* before the support check (UniRestorer.route), where it ran
+    support: Tensor | None = None  # [B, n_levels] distance to each path node's centroid / that node's radius
 
 
 def _head(dim: int) -> nn.Sequential:
@@ -85,9 +87,16 @@ def cv_squared(importance: Tensor) -> Tensor:
     return importance.var() / (importance.mean().pow(2) + 1e-10)
 
 
-def best_level(errors: Tensor) -> Tensor:
-    """Target level per image from the frozen experts' errors [B, n_levels]; ties go to the coarser."""
-    return errors.argmin(1)
+def image_psnr(out: Tensor, gt: Tensor) -> Tensor:
+    """PSNR in dB of each image [..., 3, H, W] in [0, 1] (MSE floored at 1e-10: 100 dB at most)."""
+    return -10 * torch.log10((out - gt).pow(2).flatten(-3).mean(-1).clamp_min(1e-10))
+
+
+def best_level(psnr: Tensor, margin_db: float = 0.0) -> Tensor:
+    """Target level per image from the frozen path experts' PSNR [B, n_levels]: the coarsest level within
+    `margin_db` of the best. A fine expert must earn its place: where it gains less than the margin over
+    a coarser one, the coarser one is the target, as it is the safer choice when recognition is wrong."""
+    return (psnr >= psnr.max(1, keepdim=True).values - margin_db).long().argmax(1)
 
 
 def task_subtrees(tree: DegradationTree) -> Tensor:
@@ -132,12 +141,13 @@ class Router(nn.Module):
     def __init__(
         self, dim: int, n_leaves: int, n_levels: int, n_nodes: int, task_names: Sequence[str] = (), *,
         noisy: bool = True, dg_weight: float = 0.1, aux_weight: float = 0.01, leaf_ce_weight: float = 0.0,
-        level_ce_weight: float = 0.0,
+        level_ce_weight: float = 0.0, level_margin_db: float = 0.0,
     ) -> None:
         super().__init__()
         self.config = dict(dim=dim, n_leaves=n_leaves, n_levels=n_levels, n_nodes=n_nodes,
                            task_names=list(task_names), noisy=noisy, dg_weight=dg_weight, aux_weight=aux_weight,
-                           leaf_ce_weight=leaf_ce_weight, level_ce_weight=level_ce_weight)
+                           leaf_ce_weight=leaf_ce_weight, level_ce_weight=level_ce_weight,
+                           level_margin_db=level_margin_db)
         self.task_names = list(task_names)
         self.h_d, self.h_g = _head(dim), _head(dim)
         self.g_d = nn.Linear(dim, 2 * n_leaves)

@@ -16,6 +16,7 @@ The per-level spec `k` has one entry per level, the first must be 1 (the root):
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -26,6 +27,7 @@ from torch import Tensor
 
 from unirestorer.safe_files import atomic_path, atomic_write, ensure_dir
 
+SUPPORT_QUANTILE = 0.99  # a node holds the embeddings within the distance 99 % of its training members lie
 CHUNK = 65536  # points per distance block: bounds memory at CHUNK x k distances
 
 
@@ -191,9 +193,11 @@ class DegradationTree:
 
     def __init__(
         self, centroids: Tensor, parents: Sequence[int], level_sizes: Sequence[int],
-        counts: Sequence[int], task_names: Sequence[str], task_counts: Tensor,
+        counts: Sequence[int], task_names: Sequence[str], task_counts: Tensor, radii: Sequence[float] | None = None,
     ) -> None:
         n = sum(level_sizes)
+        if radii is not None and (len(radii) != n or not all(math.isfinite(r) and r > 0 for r in radii)):
+            raise ValueError(f"inconsistent tree: {len(radii)} support radii for {n} nodes (each finite and > 0)")
         if level_sizes[0] != 1 or len(parents) != n or len(counts) != n or centroids.shape[0] != n:
             raise ValueError(f"inconsistent tree: level_sizes {list(level_sizes)}, {len(parents)} parents, "
                              f"{len(counts)} counts, {centroids.shape[0]} centroids")
@@ -206,6 +210,8 @@ class DegradationTree:
         self.task_names = list(task_names)
         self.task_counts = task_counts.long()
         self.level_starts = [sum(self.level_sizes[:l]) for l in range(len(self.level_sizes))]
+        # each node's support: the SUPPORT_QUANTILE of its training embeddings' distances to its centroid
+        self.radii = None if radii is None else torch.tensor([float(r) for r in radii])
 
     # ---- building -------------------------------------------------------------------------
     @classmethod
@@ -265,6 +271,7 @@ class DegradationTree:
         tree = cls(torch.cat(centroids).cpu(), parents, sizes, [0] * sum(sizes), task_names,
                    torch.zeros(sum(sizes), len(task_names), dtype=torch.long))
         tree.update_counts(x, tasks)
+        tree.radii = tree.support_radii(x)
         return tree
 
     def update_counts(self, embeddings: Tensor, tasks: Sequence[str] | None = None) -> None:
@@ -283,6 +290,33 @@ class DegradationTree:
             t = torch.tensor([index[s] for s in tasks], dtype=torch.long)
             flat = paths * len(self.task_names) + t[:, None]
             self.task_counts = torch.bincount(flat.flatten(), minlength=n * len(self.task_names)).view(n, -1)
+
+    def distances(self, embeddings: Tensor, paths: Tensor) -> Tensor:
+        """[B, n_levels] Euclidean distance of each embedding to the centroid of each node on its path (fp32)."""
+        x = embeddings.detach().float()
+        cent = self.centroids.to(x.device)[paths]  # [B, n_levels, d]
+        return (x[:, None] - cent).pow(2).sum(-1).sqrt()
+
+    def support_radii(self, embeddings: Tensor, quantile: float = SUPPORT_QUANTILE) -> Tensor:
+        """Per node, the `quantile` of its members' distances to its centroid (members: routed by `path`).
+        A node with fewer than two members gets its parent's radius (the root: the whole set's)."""
+        paths = self.path(embeddings)
+        dist = self.distances(embeddings, paths).cpu()
+        radii = torch.zeros(self.n_nodes)
+        for node in range(self.n_nodes):
+            level = self.level_of(node)
+            members = dist[paths[:, level].cpu() == node, level]
+            radii[node] = members.quantile(quantile) if len(members) > 1 else radii[max(int(self.parents[node]), 0)]
+        return radii.clamp_min(1e-6)
+
+    def supported_depth(self, embeddings: Tensor, paths: Tensor) -> Tensor:
+        """[B] the deepest level l such that the embedding lies within the support radius of every node on
+        its path down to level l (0 at least: the root holds everything). Without radii: the leaf level."""
+        if self.radii is None:
+            return torch.full((len(paths),), self.n_levels - 1, dtype=torch.long, device=paths.device)
+        inside = self.distances(embeddings, paths) <= self.radii.to(paths.device)[paths]
+        inside[:, 0] = True
+        return inside.long().cumprod(1).sum(1) - 1
 
     # ---- structure --------------------------------------------------------------------------
     @property
@@ -373,6 +407,8 @@ class DegradationTree:
         """(JSON-able structure, tensors) — shared by `save` and the model bundle."""
         meta = {"level_sizes": self.level_sizes, "parents": self.parents.tolist(), "counts": self.counts.tolist(),
                 "task_names": self.task_names, "task_counts": self.task_counts.tolist()}
+        if self.radii is not None:
+            meta["radii"] = [float(r) for r in self.radii]  # float32 → JSON → float32 is exact
         return meta, {"centroids": self.centroids.contiguous()}
 
     @classmethod
@@ -380,7 +416,8 @@ class DegradationTree:
         try:
             names = meta["task_names"]
             tc = torch.tensor(meta["task_counts"], dtype=torch.long).view(len(meta["parents"]), len(names))
-            return cls(tensors["centroids"], meta["parents"], meta["level_sizes"], meta["counts"], names, tc)
+            return cls(tensors["centroids"], meta["parents"], meta["level_sizes"], meta["counts"], names, tc,
+                       meta.get("radii"))
         except (KeyError, ValueError, RuntimeError) as err:
             raise ValueError(f"{source}: not a valid degradation tree ({type(err).__name__}: {err})") from err
 

@@ -27,7 +27,7 @@ from .bundle_schema import BUNDLE_FORMAT
 from .experts import create_expert
 from .extractor import DegradationExtractor
 from .lora import add_lora, has_lora, lora_settings, lora_state_dict
-from .router import Route, Router, TaskArg, best_level, gate
+from .router import Route, Router, TaskArg, best_level, gate, image_psnr
 from .tree import DegradationTree
 
 WEIGHTS, CONFIG = "weights.safetensors", "bundle.json"
@@ -41,6 +41,23 @@ def dispatch(x: Tensor, nodes: Tensor, experts: Mapping[int, Callable[[Tensor], 
         parts.append(experts[n](x[idx]))
         order.append(idx)
     return torch.cat(parts)[torch.argsort(torch.cat(order))]
+
+
+def fall_back(route: Route, embedding: Tensor, tree: DegradationTree, leaf_paths: Tensor,
+              task_index: Tensor | None = None) -> Route:
+    """`route` with each blind image's level capped at the deepest level whose path nodes all hold its
+    embedding (`tree.supported_depth`); images with a task (index >= 0) keep their level."""
+    if tree.radii is None:
+        return route
+    paths = leaf_paths[route.leaf]
+    depth = tree.supported_depth(embedding, paths)
+    if task_index is not None:
+        depth = torch.where(task_index >= 0, tree.n_levels - 1, depth)
+    level = torch.minimum(route.level, depth)
+    route.router_level, route.level = route.level, level
+    route.node = paths.gather(1, level[:, None]).squeeze(1)
+    route.support = tree.distances(embedding, paths) / tree.radii.to(paths.device)[paths]
+    return route
 
 
 class UniRestorer(nn.Module):
@@ -79,17 +96,27 @@ class UniRestorer(nn.Module):
         self.experts.eval()
         return self
 
+    def route(self, x: Tensor, task: TaskArg = None) -> Route:
+        """The router's choice, then the support check: where the image's embedding lies outside the
+        training support (tree.radii) of a node on its path, the level falls back to that node's parent
+        level, at most the root. Images routed in instruction mode (a task given) keep the router's level:
+        the user named the degradation."""
+        e = self.embed(x)
+        route = self.router.route(e, task)
+        return fall_back(route, e, self.tree, self.router.leaf_paths, self.router.task_index(task, len(e)))
+
     def forward(self, x: Tensor, task: TaskArg = None, embedding: Tensor | None = None) -> tuple[Tensor, Route]:
-        """Gated output E(x)·g/stopgrad(g): equal to the chosen expert's output, differentiable in g."""
+        """Gated output E(x)·g/stopgrad(g): equal to the chosen expert's output, differentiable in g. The
+        router's own choice (no support check), as the router stage trains it."""
         route = self.router.route(self.embed(x) if embedding is None else embedding, task)
         with torch.no_grad():
             out = dispatch(x, route.node, self._pool())
         return gate(out, route.g), route
 
-    def level_errors(self, x: Tensor, gt: Tensor, paths: Tensor) -> Tensor:
-        """[B, n_levels] mean L1 of the frozen experts on each image's own root→leaf path."""
+    def level_psnr(self, x: Tensor, gt: Tensor, paths: Tensor) -> Tensor:
+        """[B, n_levels] PSNR of the frozen experts on each image's own root→leaf path."""
         with torch.no_grad():
-            return torch.stack([(dispatch(x, paths[:, l], self._pool()) - gt).abs().flatten(1).mean(1)
+            return torch.stack([image_psnr(dispatch(x, paths[:, l], self._pool()), gt)
                                 for l in range(paths.shape[1])], dim=1)
 
     def router_loss(self, x: Tensor, gt: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
@@ -100,7 +127,7 @@ class UniRestorer(nn.Module):
         paths = self.tree.path(e).to(e.device)
         u = self.tree.centroids.to(e)[paths[:, -1]]
         leaf_target = paths[:, -1] - self.tree.level_starts[-1] if self.router.config["leaf_ce_weight"] > 0 else None
-        level_target = (best_level(self.level_errors(x, gt, paths))
+        level_target = (best_level(self.level_psnr(x, gt, paths), self.router.config["level_margin_db"])
                         if self.router.config["level_ce_weight"] > 0 else None)
         return self.router.loss(route, l1, u, leaf_target, level_target)
 
@@ -114,23 +141,40 @@ class UniRestorer(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            route = self.router.route(self.extractor.embed(x), task)
+            route = self.route(x, task)
             y = dispatch(x, route.node, self._pool())
         finally:
             self.train(was_training)
         info = [self.describe(route, i) for i in range(len(x))]
         return (y[0], info[0]) if single else (y, info)
 
+    @torch.no_grad()
+    def restore_route(self, image: Tensor, task: TaskArg = None) -> dict:
+        """The route `restore` takes for one image [1,3,H,W] or [3,H,W], as `describe` gives it."""
+        x = image[None] if image.ndim == 3 else image
+        return self.describe(self.route(x, task), 0)
+
     def describe(self, route: Route, i: int, top: int = 3) -> dict:
         """Human-readable route of image i: level, node, its task composition, top probabilities."""
         node, leaf0 = int(route.node[i]), self.tree.level_starts[-1]
         p, leaves = route.p_leaf[i].topk(min(top, route.p_leaf.shape[1]))
-        return {
+        out = {
             "level": int(route.level[i]), "node": node, "leaf": leaf0 + int(route.leaf[i]),
             "composition": self.tree.composition(node),
             "top_leaves": {leaf0 + int(k): float(v) for k, v in zip(leaves, p)},
             "p_level": [float(v) for v in route.p_level[i]],
         }
+        if route.router_level is not None:
+            out["router_level"] = int(route.router_level[i])
+        if route.support is not None:
+            out["support"] = [round(float(v), 3) for v in route.support[i]]  # distance / radius, path order
+        if route.router_level is not None and int(route.router_level[i]) > out["level"]:
+            path = self.router.leaf_paths[int(route.leaf[i])].tolist()
+            outside = path[out["level"] + 1]
+            out["fallback"] = (f"router chose level {int(route.router_level[i])}; the image lies outside the training "
+                               f"support of node {outside} ({out['support'][out['level'] + 1]:.2f}x its radius), so "
+                               f"level {out['level']} (node {node}) restores it")
+        return out
 
     # ---- bundle ---------------------------------------------------------------------------------
     def _expert_tensors(self, node: int, expert: nn.Module) -> dict[str, Tensor]:

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unirestorer import demo
+from unirestorer import demo, demo_data, demo_report, demo_stages
 from unirestorer.evaluate import METHODS
+from unirestorer.restore import load_model
 from unirestorer.train.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -25,7 +26,7 @@ def test_photo_folder_splits_into_disjoint_heldout_validation_and_training_photo
     src.mkdir()
     for i in range(40):
         Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(src / f"p{i:02d}.png")
-    train, val, heldout, what = demo.demo_photos(src, tmp_path / "out", demo.FULL)
+    train, val, heldout, what = demo_data.demo_photos(src, tmp_path / "out", demo_data.FULL)
     pixels = lambda paths: {int(np.asarray(Image.open(p))[0, 0, 0]) for p in paths}  # noqa: E731
     test_ids, val_ids, train_ids = pixels(heldout), pixels(val.iterdir()), pixels(train.iterdir())
     assert (len(test_ids), len(val_ids), len(train_ids)) == (12, 13, 15)  # 12 held out, at most a third validates
@@ -35,15 +36,15 @@ def test_photo_folder_splits_into_disjoint_heldout_validation_and_training_photo
 
 
 def test_heldout_crops_come_only_from_heldout_photos_and_every_task_degrades_them(tmp_path: Path) -> None:
-    assert not set(demo.FALLBACK_PHOTOS) & set(demo.HELDOUT_PHOTOS)
-    photos = demo.save_photos(tmp_path / "photos", demo.HELDOUT_PHOTOS)
-    crops = demo.save_crops(photos, tmp_path / "clean", 64, 3)
+    assert not set(demo_data.FALLBACK_PHOTOS) & set(demo_data.HELDOUT_PHOTOS)
+    photos = demo_data.save_photos(tmp_path / "photos", demo_data.HELDOUT_PHOTOS)
+    crops = demo_data.save_crops(photos, tmp_path / "clean", 64, 3)
     assert len(crops) == 6 and {p.name.split("_")[0] for p in crops} == {"chelsea", "stereo"}
     for crop in crops:  # the crop is the photo's pixels at the grid cell its name gives
         y, x = map(int, crop.stem.rsplit("_", 2)[1:])
         photo = np.asarray(Image.open(tmp_path / "photos" / f"{crop.stem.rsplit('_', 2)[0]}.png"))
         assert np.array_equal(np.asarray(Image.open(crop)), photo[y * 64 : (y + 1) * 64, x * 64 : (x + 1) * 64])
-    samples = demo.degrade_heldout(tmp_path / "clean", tmp_path / "lq", ("noise", "lowlight"))
+    samples = demo_data.degrade_heldout(tmp_path / "clean", tmp_path / "lq", ("noise", "lowlight"))
     for task, group in samples.items():
         folder = tmp_path / "lq" / task
         assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in crops)
@@ -51,33 +52,33 @@ def test_heldout_crops_come_only_from_heldout_photos_and_every_task_degrades_the
             saved = np.asarray(Image.open(folder / f"{s.name}.png"), dtype=np.float32) / 255
             assert np.array_equal(saved, s.lq) and s.label["task"] == task
             assert np.abs(s.lq - s.gt).mean() > 2 / 255, task
-    demo.degrade_heldout(tmp_path / "clean", tmp_path / "lq2", ("noise",))
+    demo_data.degrade_heldout(tmp_path / "clean", tmp_path / "lq2", ("noise",))
     name = crops[0].name
     assert (tmp_path / "lq2" / "noise" / name).read_bytes() == (tmp_path / "lq" / "noise" / name).read_bytes()  # seed
 
 
 def test_stage_configs_fit_the_schema_and_chain_the_stages(tmp_path: Path) -> None:
-    configs = demo.stage_configs(tmp_path, ["a/{000000..000001}.tar", "b/shard-000000.tar"], ["v/shard-000000.tar"],
-                                 demo.FULL, 0.5)
-    assert list(configs) == list(demo.STAGES)
+    configs = demo_stages.stage_configs(tmp_path, ["a/{000000..000001}.tar", "b/shard-000000.tar"], ["v/shard-000000.tar"],
+                                 demo_data.FULL, 0.5)
+    assert list(configs) == list(demo_stages.STAGES)
     loaded = {}
     for stage, config in configs.items():
-        demo.write_toml(tmp_path / f"{stage}.toml", config)
+        demo_stages.write_toml(tmp_path / f"{stage}.toml", config)
         loaded[stage] = load_config(tmp_path / f"{stage}.toml")  # unknown keys or wrong types would raise
     ck = tmp_path / "checkpoints"
     assert loaded["extractor"].train.init_ckpt is None
-    assert [loaded[s].train.init_ckpt for s in demo.STAGES[1:]] == [str(ck / s) for s in ("extractor", "extractor", "experts")]
-    assert {loaded[s].ckpt.dir for s in demo.STAGES} == {str(ck / s) for s in demo.STAGES}
-    steps = demo.FULL.steps["experts"] // 2  # --steps-scale 0.5
+    assert [loaded[s].train.init_ckpt for s in demo_stages.STAGES[1:]] == [str(ck / s) for s in ("extractor", "extractor", "experts")]
+    assert {loaded[s].ckpt.dir for s in demo_stages.STAGES} == {str(ck / s) for s in demo_stages.STAGES}
+    steps = demo_data.FULL.steps["experts"] // 2  # --steps-scale 0.5
     e = loaded["experts"]
     assert e.train.max_steps == steps and e.train.level_start_steps == [0, steps // 3, 2 * steps // 3]
     assert e.train.level_end_steps == [steps // 3, 2 * steps // 3, steps]  # one level at a time, root first
     assert e.train.loss == "psnr" and loaded["router"].train.loss == "l1"  # the experts' PSNR loss (quality bench)
-    assert loaded["router"].deepspeed.micro_batch == demo.FULL.micro_batch["router"]
+    assert loaded["router"].deepspeed.micro_batch == demo_data.FULL.micro_batch["router"]
     assert "max_steps" not in configs["cluster"]["train"]  # not a training loop
     assert e.tree.levels == [] and loaded["router"].tree.path == str(ck / "tree")  # sized from the data
     assert e.data.train_shards == ["a/{000000..000001}.tar", "b/shard-000000.tar"] and e.data.online
-    assert all(loaded[s].data.val_shards == ["v/shard-000000.tar"] for s in demo.STAGES)
+    assert all(loaded[s].data.val_shards == ["v/shard-000000.tar"] for s in demo_stages.STAGES)
     assert loaded["extractor"].data.patch_size == loaded["extractor"].model.extractor_crop
     assert (e.model.arch, e.model.preset) == ("nafnet", "tiny")
 
@@ -97,13 +98,13 @@ def test_out_folder_is_reused_only_when_an_earlier_demo_made_it(tmp_path: Path) 
 
 def test_a_failing_command_returns_its_code_and_its_output_is_logged(tmp_path: Path, capfd) -> None:
     cmd = [sys.executable, "-c", "import sys; print('step 1'); print('boom', file=sys.stderr); sys.exit(3)"]
-    assert demo.run_logged(cmd, dict(os.environ), tmp_path / "logs" / "x.log") == 3
+    assert demo_stages.run_logged(cmd, dict(os.environ), tmp_path / "logs" / "x.log") == 3
     log = (tmp_path / "logs" / "x.log").read_text()
     assert "step 1" in log and "boom" in log and "step 1" in capfd.readouterr().out
 
 
 def test_terminal_hides_deepspeed_info_and_the_config_json_but_keeps_bars_live(tmp_path: Path, capfdbinary) -> None:
-    t = demo.Terminal(tmp_path / "x.log")
+    t = demo_stages.Terminal(tmp_path / "x.log")
     t.feed(b"[2026-11-26 13:28:48,133] [INFO] [launch.py:152:main] WORLD INFO DICT\n[config] stage x\n{\n")
     t.feed(b'  "data": 1\n}\nkept\n\rexperts:  10%')
     assert capfdbinary.readouterr().out == f"[config] stage x (full config in {tmp_path / 'x.log'})\nkept\n".encode() + b"\rexperts:  10%"
@@ -112,13 +113,14 @@ def test_terminal_hides_deepspeed_info_and_the_config_json_but_keeps_bars_live(t
 
 
 def test_summary_table_and_json_have_every_task_and_method(tmp_path: Path, tiny_bundle: str, one_thread) -> None:
-    photos = demo.save_photos(tmp_path / "photos", demo.HELDOUT_PHOTOS)
-    demo.save_crops(photos, tmp_path / "clean", 32, 1)
-    heldout = demo.degrade_heldout(tmp_path / "clean", tmp_path / "lq", ("noise", "jpeg"))
-    records, extractor, confusion = demo.evaluate_tasks(Path(tiny_bundle), heldout, tmp_path / "eval", "cpu")
+    photos = demo_data.save_photos(tmp_path / "photos", demo_data.HELDOUT_PHOTOS)
+    demo_data.save_crops(photos, tmp_path / "clean", 32, 1)
+    heldout = demo_data.degrade_heldout(tmp_path / "clean", tmp_path / "lq", ("noise", "jpeg"))
+    model = load_model(tiny_bundle, "cpu")
+    records, extractor, confusion = demo_report.evaluate_tasks(model, heldout, tmp_path / "eval", "cpu")
     rows = {line.split()[0]: sum(map(int, line.split()[1:])) for line in confusion.splitlines()[1:]}
     assert rows == {"noise": 2, "jpeg": 2}  # every held-out crop of a single family, counted once
-    doc = demo.summary(records, extractor, {"leaf_purity": 0.5, "level1_purity": 0.75}, 12.0)
+    doc = demo_report.summary(records, extractor, {"leaf_purity": 0.5, "level1_purity": 0.75}, 12.0)
     assert set(doc) == {"tasks", "mean", "extractor", "tree", "seconds"}
     assert doc["tree"] == {"leaf_purity": 0.5, "level1_purity": 0.75} and doc["seconds"] == 12.0
     assert set(doc["tasks"]) == {"noise", "jpeg"} and set(doc["mean"]) == set(METHODS)
@@ -133,7 +135,7 @@ def test_summary_table_and_json_have_every_task_and_method(tmp_path: Path, tiny_
     assert doc["mean"]["classical"] is None  # no classical row for JPEG
     assert doc["mean"]["routed"] == pytest.approx(np.mean([doc["tasks"][t]["routed"] for t in ("noise", "jpeg")]))
     assert set(extractor["per_family"]) == {"noise", "jpeg"} and 0 <= extractor["family_accuracy"] <= 1
-    table = demo.summary_table(doc, {"noise": [1, 0, 1], "jpeg": [0, 2, 0]})
+    table = demo_report.summary_table(doc, {"noise": [1, 0, 1], "jpeg": [0, 2, 0]})
     assert table.splitlines()[0] == "| task | n | " + " | ".join(METHODS) + " | images routed to level 0/1/2 |"
     rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:5]}
     assert list(rows) == ["noise", "jpeg", "**mean**"]
@@ -141,6 +143,18 @@ def test_summary_table_and_json_have_every_task_and_method(tmp_path: Path, tiny_
     assert "Extractor exact-match family accuracy" in table and "Tree purity: level 1 0.75, leaves 0.5." in table
     assert {p.name for p in (tmp_path / "eval").iterdir()} == {
         "results.md", "noise.csv", "jpeg.csv", "noise_grid.png", "jpeg_grid.png"}
+
+    shifts = demo_report.evaluate_shifts(model, tmp_path / "clean", tmp_path / "eval", "cpu")
+    assert list(shifts) == ["clean", "mild", "camera_noise"]
+    for name, row in shifts.items():
+        assert set(row) == set(demo_report.SHIFT_KEYS) and row["n"] == 2 and sum(row["levels"]) == 2
+        assert row["oracle"] >= max(row["root"], row["leaf"], row["routed"]) - 1e-9 and 0 <= row["harm_rate"] <= 1
+        assert (tmp_path / "eval" / f"shift_{name}_grid.png").is_file()
+    assert shifts["clean"]["input"] == 100.0  # the clean input is its own ground truth (PSNR capped)
+    assert shifts["clean"]["harm_rate"] == (1.0 if shifts["clean"]["routed"] < 99.5 else 0.0)  # 2 images: both or none
+    table = demo_report.summary_table(doc | {"shifts": shifts}, {"noise": [1, 0, 1], "jpeg": [0, 2, 0]})
+    assert "| shift | n | input | classical | root | leaf | router | routed | oracle | harm |" in table
+    assert re.search(r"^\| camera_noise \| 2 \|( [\d.]+ \|){7} [\d.]+ % \| \d/\d/\d \|$", table, re.M), table
 
 
 @pytest.mark.slow
@@ -156,13 +170,27 @@ def test_quick_demo_runs_end_to_end(tmp_path: Path) -> None:
         assert f"phase {phase}/9" in proc.stdout
     assert (out / "bundle" / "bundle.json").is_file() and (out / "bundle" / "weights.safetensors").is_file()
     crops = sorted(p.name for p in (out / "heldout" / "clean").iterdir())
-    for task in demo.DEMO_TASKS:
+    for task in demo_data.DEMO_TASKS:
         assert sorted(p.name for p in (out / "restored" / task).iterdir()) == crops
     summary = json.loads((out / "eval" / "summary.json").read_text())
-    assert list(summary["tasks"]) == list(demo.DEMO_TASKS)
+    assert list(summary["tasks"]) == list(demo_data.DEMO_TASKS)
     for task, row in summary["tasks"].items():
         assert row["n"] == len(crops) and row["oracle"] >= max(row["root"], row["leaf"], row["routed"]) - 1e-9
         assert re.search(rf"^\| {task} \| {len(crops)} \|( ([\d.]+|—) \|){{6}}", proc.stdout, re.M), task
     assert summary["tree"]["level1_purity"] is not None and summary["seconds"] > 0
+    assert list(summary["shifts"]) == ["clean", "mild", "camera_noise"]
+    for row in summary["shifts"].values():
+        assert set(row) >= {"n", "input", "root", "leaf", "routed", "oracle", "harm_rate", "levels"}
+        assert row["n"] == len(crops) and len(row["levels"]) == 3 and sum(row["levels"]) == len(crops)
+    assert "| clean |" in proc.stdout and "| camera_noise |" in proc.stdout
+    assert "clean" in json.loads((out / "checkpoints" / "tree" / "tree_stats.json").read_text())["tasks"]
     assert "| **mean** |" in proc.stdout and f"Everything is in {out}" in proc.stdout
     assert any((out / "tensorboard" / "tb").glob("events.out.tfevents.*"))
+
+
+def test_clean_is_always_trained_never_a_table_task() -> None:
+    assert demo.parse_tasks("all") == ("noise", "blur", "jpeg", "rain", "haze", "lowlight", "snow", "mixed")
+    assert demo.parse_tasks("noise,clean,haze+blur") == ("noise", "haze+blur")
+    with pytest.raises(ValueError, match="no degradation given.*clean is always trained"):
+        demo.parse_tasks("clean")
+    assert demo_data.ALWAYS_TRAINED == ("clean",)

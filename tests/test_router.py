@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from unirestorer.model.router import (
-    Router, best_level, cv_squared, dg_loss, gate, instruction_masks, select,
+    Router, best_level, cv_squared, dg_loss, gate, image_psnr, instruction_masks, select,
 )
 from unirestorer.model.tree import DegradationTree
 
@@ -150,7 +150,19 @@ def test_losses_match_formulas():
     assert dg_loss(e_d, e_g, u).item() == pytest.approx(expected)
     assert cv_squared(torch.full((4, 3), 1 / 3).sum(0)).item() == pytest.approx(0.0)
     assert cv_squared(torch.tensor([2.0, 0.0])).item() == pytest.approx(2.0)  # var 2, mean^2 1
-    assert best_level(torch.tensor([[0.1, 0.1, 0.2], [0.3, 0.2, 0.1]])).tolist() == [0, 2]
+
+
+
+def test_level_target_is_the_coarsest_level_within_the_margin_of_the_best() -> None:
+    psnr = torch.tensor([[30.0, 30.0, 29.0],   # tie: the coarser
+                         [25.0, 28.0, 31.0],   # the leaf by far
+                         [27.8, 27.9, 28.0],   # root within 0.3 dB of the best
+                         [20.0, 27.8, 28.0],   # level 1 within 0.3 dB, the root not
+                         [28.0, 27.0, 26.0]])  # the root is best
+    assert best_level(psnr).tolist() == [0, 2, 2, 2, 0]
+    assert best_level(psnr, margin_db=0.3).tolist() == [0, 2, 0, 1, 0]
+    assert best_level(psnr, margin_db=100.0).tolist() == [0] * 5  # any margin this wide: always the root
+    assert image_psnr(torch.full((2, 3, 4, 4), 0.5), torch.full((2, 3, 4, 4), 0.6)).tolist() == pytest.approx([20.0] * 2)
 
 
 def test_supervision_flags_default_off():

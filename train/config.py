@@ -91,9 +91,11 @@ class TrainConfig:
     dg_weight: float = 0.1  # router: weight of L_dg
     aux_weight: float = 0.01  # router: weight of L_aux
     # router supervision from the frozen experts' measured errors (0 = the paper's loss alone): CE towards the
-    # image's tree leaf, and towards the level whose expert on that path restores it best (ties: coarser)
+    # image's tree leaf, and towards the coarsest level whose expert on that path comes within level_margin_db of
+    # the best
     leaf_ce_weight: float = 1.0
     level_ce_weight: float = 1.0
+    level_margin_db: float = 0.0  # router: the level target is the coarsest within this many dB of the best
     init_ckpt: str | None = None  # weights of an earlier stage
     level_lrs: list[float] = field(default_factory=list)  # experts: peak LR per tree level; [] = lr everywhere
     # experts: step each level starts, from its trained parent; [] = level l at l * max_steps / n_levels

@@ -7,9 +7,9 @@ k-means leaf centroid, L_aux over the level probabilities of the global batch (a
 
 That loss alone asks the gates only whether scaling the output would lower L1, not which expert
 restores best. With `train.leaf_ce_weight` / `train.level_ce_weight` > 0 (the default) the stage also
-sends every image to all the experts on its own tree path, measures their L1 against the ground
-truth, and adds cross-entropy towards the path's leaf and towards the level whose expert did best
-(ties go to the coarser level). Metrics: leaf accuracy against the tree path, the chosen level
+sends every image to all the experts on its own tree path, measures their PSNR against the ground
+truth, and adds cross-entropy towards the path's leaf and towards the coarsest level whose expert comes
+within `train.level_margin_db` of the best (model/router.py `best_level`). Metrics: leaf accuracy against the tree path, the chosen level
 distribution, how often the chosen node lies on the image's own path, and how often the chosen level
 is the best one.
 
@@ -36,7 +36,7 @@ from torch import Tensor
 from unirestorer.data_shards.loader import make_loader
 from unirestorer.cuda_setup import optimizer_options
 from unirestorer.launch.env import DistInfo
-from unirestorer.model.router import Route, Router, best_level, gate
+from unirestorer.model.router import Route, Router, best_level, gate, image_psnr
 from unirestorer.parallel.tree_moe import TreeMoE, check_ds_config, moe_param_groups
 from unirestorer.train.checkpoint import CheckpointError
 from unirestorer.train.config import ConfigError, RunConfig, build_ds_config
@@ -97,7 +97,8 @@ class RouterStage:
         load_tree_weights(tree_moe, cfg.train.init_ckpt)
         t = cfg.train
         router = Router.from_tree(self.tree, dg_weight=t.dg_weight, aux_weight=t.aux_weight,
-                                  leaf_ce_weight=t.leaf_ce_weight, level_ce_weight=t.level_ce_weight)
+                                  leaf_ce_weight=t.leaf_ce_weight, level_ce_weight=t.level_ce_weight,
+                                  level_margin_db=t.level_margin_db)
         self.supervised = t.level_ce_weight > 0
         if self.device.type == "cuda" and dist_info.world_size > 1:  # heads' BatchNorm over the global batch
             router = torch.nn.SyncBatchNorm.convert_sync_batchnorm(router)  # (no CPU kernel: per rank there)
@@ -116,7 +117,8 @@ class RouterStage:
             print(f"[router] experts from {cfg.train.init_ckpt} (frozen, {self.spec}, LoRA {self.lora}); router "
                   f"{sum(p.numel() for p in router.parameters()) / 1e6:.3f}M params trained with ZeRO stage 0 in "
                   f"fp32{', experts under bf16 autocast' if self.autocast else ''}; loss: paper (dg "
-                  f"{t.dg_weight}, aux {t.aux_weight}) + CE leaf {t.leaf_ce_weight} / best level {t.level_ce_weight}",
+                  f"{t.dg_weight}, aux {t.aux_weight}) + CE leaf {t.leaf_ce_weight} / best level {t.level_ce_weight} "
+                  f"(the coarsest level within {t.level_margin_db} dB of the best)",
                   file=sys.stderr, flush=True)
         return self.engine
 
@@ -138,7 +140,8 @@ class RouterStage:
         nodes = torch.cat([route.node[:, None], paths], 1) if self.supervised else route.node[:, None]
         out = self.experts(lq, nodes)  # [B, 1 (+ n_levels), 3, H, W]
         y = gate(out[:, 0], route.g)
-        level_target = best_level((out[:, 1:] - gt[:, None]).abs().flatten(2).mean(2)) if self.supervised else None
+        level_target = (best_level(image_psnr(out[:, 1:].float(), gt[:, None]), module.router.config["level_margin_db"])
+                        if self.supervised else None)
         u = self.tree.centroids.to(e.device, non_blocking=True)[paths[:, -1]]
         importance = global_sum(route.p_level.sum(0))
         loss, parts = module.router.loss(route, F.l1_loss(y, gt), u, paths[:, -1] - self.tree.level_starts[-1],

@@ -153,7 +153,9 @@ def evaluate(model, samples: list[Sample], conv: Convention = Convention(), task
         scores = {"input": (psnr(s.lq, s.gt, conv), ssim(s.lq, s.gt, conv)),
                   "classical": (None, None) if floor is None else (psnr(floor, s.gt, conv), ssim(floor, s.gt, conv)),
                   "root": score[path[0]], "leaf": score[leaf0 + leaf], "routed": score[node], "oracle": score[best]}
-        records.append({"name": s.name, "level": int(route.level[0]), "node": node, "leaf": leaf0 + leaf,
+        router_level = route.level if route.router_level is None else route.router_level  # before the support check
+        records.append({"name": s.name, "level": int(route.level[0]), "router_level": int(router_level[0]),
+                        "node": node, "leaf": leaf0 + leaf,
                         "oracle_node": best, "path": path, "path_psnr": [score[n][0] for n in path],
                         **{f"{m}_{k}": v[j] for m, v in scores.items() for j, k in enumerate(("psnr", "ssim"))}})
         outputs.append(outs[node])

@@ -89,7 +89,7 @@ def route_image(model, x: Tensor, task: str | None = None):
     import torch
 
     with torch.inference_mode():
-        return model.router.route(model.extractor.embed(x), task)
+        return model.route(x, task)
 
 
 def run_expert(model, node: int, x: Tensor, tile: int, overlap: int, batch: int = 4, bf16: bool = False) -> Tensor:
