@@ -114,11 +114,12 @@ def _write_layout(args: argparse.Namespace, common: dict) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     from unirestorer.data_shards import writer
+    from unirestorer.data_shards.inspect import inspect_shards
 
     out = Path(args.out)
     sets = [p for p in sorted(out.iterdir()) if p.is_dir() and any(p.glob("shard-*.tar"))] if out.is_dir() else []
     if sets and not any(out.glob("shard-*.tar")):  # a layout's one shard set per task: OUT/<task>/
-        reports = [writer.inspect_shards(p) for p in sets]
+        reports = [inspect_shards(p) for p in sets]
         if args.json:
             print(json.dumps(reports, indent=1))
         else:
@@ -131,7 +132,7 @@ def _inspect(args: argparse.Namespace) -> int:
                   + ", ".join(f"{t} {n}" for t, n in sorted(totals.items())))
         return 1 if any(r["errors"] or not r["shards"] for r in reports) else 0
     try:
-        report = writer.inspect_shards(out)
+        report = inspect_shards(out)
     except writer.ShardWriteError as e:
         return _fail(str(e))
     print(json.dumps(report, indent=1) if args.json else format_report(report))
