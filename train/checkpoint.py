@@ -155,12 +155,24 @@ def _point(path: Path, how: str) -> ResumePoint:
     if not is_complete(path):
         raise CheckpointError(f"{how}: checkpoint {path} has no {MARKER}: its save did not finish "
                               f"(crash or preemption during the write); resume from an older one or use --resume none")
+    info = read_marker(path, how)
+    return ResumePoint(path.parent, path.name, info["step"], info["world_size"])
+
+
+def read_marker(path: Path, how: str) -> dict[str, int]:
+    """The COMPLETE.json of step folder `path` ({"step", "world_size"}, integers); CheckpointError if corrupt."""
+    from unirestorer.safe_json import JsonError, read_json
+
     try:
-        info = json.loads((path / MARKER).read_text())
-        return ResumePoint(path.parent, path.name, int(info["step"]), int(info["world_size"]))
-    except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise CheckpointError(f"{how}: {path / MARKER} is corrupt ({type(err).__name__}: {str(err)[:120]}); "
-                              f"resume from another checkpoint with --resume PATH") from None
+        info = read_json(path / MARKER)
+    except JsonError as err:
+        info = err
+    if not isinstance(info, dict) or not all(type(info.get(k)) is int for k in ("step", "world_size")):
+        problem = str(info).removeprefix(f"{path / MARKER}: ") if isinstance(info, JsonError) else (
+            "expected integers 'step' and 'world_size'")
+        raise CheckpointError(f"{how}: {path / MARKER} is corrupt ({problem[:160]}); use another checkpoint "
+                              f"(--resume PATH)")
+    return {"step": info["step"], "world_size": info["world_size"]}
 
 
 def resolve_resume(resume: str, ckpt_dir: str | Path) -> ResumePoint | None:
