@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from unirestorer.safe_files import atomic_write, fsync_dir, fsync_file
+from unirestorer.safe_files import atomic_path, atomic_write, fsync_dir, fsync_file
 
 MARKER = "COMPLETE.json"
 LATEST = "latest"
@@ -97,7 +97,8 @@ def write_checkpoint(engine: Any, ckpt_dir: str | Path, step: int, client_state:
         shutil.rmtree(path)
     engine.save_checkpoint(str(ckpt_dir), tag=tag_for(step), client_state={**client_state, "step": step},
                            save_latest=False)
-    torch.save(rank_state, path / f"rank_{rank:05d}_state.pt")
+    with atomic_path(path / f"rank_{rank:05d}_state.pt") as tmp:  # never through a link planted there
+        torch.save(rank_state, tmp)
     for f in path.iterdir():  # durable before rank 0 marks the save complete (files of every rank, cheap)
         if f.is_file() and not f.is_symlink():
             fsync_file(f)
