@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageCms, ImageOps
 
 from unirestorer.cli import main
-from unirestorer.image_io import ImageWriteError, _iccp_chunk, load_picture, save_picture
+from unirestorer.image_io import load_picture, save_picture
 from unirestorer.model.router import select
 
 from test_adversarial_outputs import one_line, restore, snapshot
@@ -91,6 +91,8 @@ def test_out_of_range_arguments_are_one_line(command, arg, value, photos, tmp_pa
 
 
 def test_non_finite_output_is_never_written(tmp_path):
+    from unirestorer.image_io import ImageWriteError
+
     pic = load_picture(_png(tmp_path / "a.png", photo()))
     with pytest.raises(ImageWriteError, match="holds NaN/Inf values; not written"):
         save_picture(tmp_path / "out.png", np.full_like(pic.rgb, np.nan), pic)
@@ -117,6 +119,8 @@ def _png(path: Path, pixels: np.ndarray) -> Path:
 
 
 def test_icc_profile_is_written_back(tiny_bundle, tmp_path, one_thread):
+    from unirestorer.image_io import _iccp_chunk  # test data: a 16-bit PNG with a profile
+
     src, profile = tmp_path / "in", ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
     src.mkdir()
     Image.fromarray(photo()).save(src / "p.jpg", icc_profile=profile, quality=95)
