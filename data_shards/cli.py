@@ -13,6 +13,8 @@ LAYOUTS = ("promptir", "rain100l", "reside-ots", "gopro", "lol", "basicsr", "cle
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from unirestorer.arguments import COUNT, NON_NEGATIVE
+
     shards = subparsers.add_parser("shards", help="write or inspect WebDataset shards of (lq, gt) pairs")
     sub = shards.add_subparsers(dest="shards_command", required=True, metavar="ACTION")
 
@@ -31,15 +33,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     w.add_argument("--sigmas", default="15,25,50", help="--layout promptir: noise sigmas (0..255) of Denoise/")
     w.add_argument("--out", required=True, metavar="OUT", help="output folder for shard-*.tar and manifest.json")
     w.add_argument("--tasks", default=None, help="comma-separated tasks for --clean, fixed mixtures as blur+noise (default: all)")
-    w.add_argument("--per-image", type=int, default=None,
+    w.add_argument("--per-image", type=COUNT, default=None,
                    help="samples per input image (default 4 for --clean, 1 for --paired)")  # fmt: skip
-    w.add_argument("--patch", type=int, default=None,
+    w.add_argument("--patch", type=NON_NEGATIVE, default=None,
                    help="crop size in px, 0 = whole images (default 256 for --clean, 0 for --paired)")  # fmt: skip
-    w.add_argument("--seed", type=int, default=0)
-    w.add_argument("--shard-size", type=int, default=256, help="samples per shard (default 256)")
-    w.add_argument("--workers", type=int, default=None, help="CPU worker processes (default: all cores)")
+    w.add_argument("--seed", type=NON_NEGATIVE, default=0)
+    w.add_argument("--shard-size", type=COUNT, default=256, help="samples per shard (default 256)")
+    w.add_argument("--workers", type=COUNT, default=None, help="CPU worker processes (default: all cores)")
     w.add_argument("--force", action="store_true", help="replace shards already in OUT")
-    w.add_argument("--max-pixels", type=int, default=None, help="skip larger images (default 50 million)")
+    w.add_argument("--max-pixels", type=COUNT, default=None, help="skip larger images (default 50 million)")
     w.set_defaults(func=_write)
 
     i = sub.add_parser("inspect", help="samples per task and per shard")

@@ -294,7 +294,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--instruct", action="store_true", help="route in instruction mode for --task")
     p.add_argument("--classical", choices=("auto", "bm3d", "nlmeans"), default="auto",
                    help="denoiser of the classical row on noise sets (default auto: BM3D where installed)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic degradation (default 0)")
+    p.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of the synthetic degradation (default 0)")
     p.add_argument("--y-channel", action="store_true", help="metrics on BT.601 Y (BasicSR, e.g. rain)")
     p.add_argument("--uint8", action="store_true", help="round outputs and targets to uint8 first")
     p.add_argument("--border", type=NON_NEGATIVE, default=0, help="pixels cropped from each side before the metrics")
