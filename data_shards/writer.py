@@ -18,7 +18,6 @@ import os
 import platform
 import re
 import sys
-import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager

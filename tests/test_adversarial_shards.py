@@ -8,7 +8,6 @@ import gzip
 import io
 import os
 import tarfile
-from pathlib import Path
 
 import cv2
 import pytest
