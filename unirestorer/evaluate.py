@@ -169,6 +169,8 @@ def evaluate(model, samples: list[Sample], conv: Convention = Convention(), task
         leaf = int(route.leaf[0])
         path = [int(n) for n in model.router.leaf_paths[leaf]]
         outs = {n: run_expert(model, n, x, tile, overlap, bf16=bf16)[0].permute(1, 2, 0).cpu().numpy() for n in path}
+        if bad := [n for n, o in outs.items() if not np.isfinite(o).all()]:
+            raise ValueError(f"{s.name}: the output of expert {bad[0]} holds NaN/Inf values; refusing to score it")
         score = {n: (psnr(o, s.gt, conv), ssim(o, s.gt, conv)) for n, o in outs.items()}
         node = int(route.node[0])
         best = max(path, key=lambda n: score[n][0])
@@ -353,8 +355,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     source = f"{args.clean} + {args.synth} (seed {args.seed})" if args.clean else f"{args.pairs[0]} vs {args.pairs[1]}"
-    records, outputs = evaluate(model, samples, conv, task if args.instruct else None, args.tile, args.overlap, device,
-                                set_task=task, denoiser=args.classical, bf16=args.bf16)
+    try:
+        records, outputs = evaluate(model, samples, conv, task if args.instruct else None, args.tile, args.overlap,
+                                    device, set_task=task, denoiser=args.classical, bf16=args.bf16)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     table = markdown(f"{name}: {source}{' (instruction mode)' if args.instruct else ''}{' (experts in bf16)' if args.bf16 else ''}", conv, records,
                      model.tree.n_levels, task, args.classical)
     print(table)
