@@ -17,7 +17,7 @@ from unirestorer.cli import main
 from unirestorer.image_io import load_picture, save_picture
 from unirestorer.model.router import select
 
-from test_adversarial_outputs import one_line, restore, snapshot
+from test_adversarial_outputs import copy_bundle, edit_tensors, one_line, restore, snapshot
 
 RNG = np.random.default_rng(0)
 
@@ -97,6 +97,19 @@ def test_non_finite_output_is_never_written(tmp_path):
     with pytest.raises(ImageWriteError, match="holds NaN/Inf values; not written"):
         save_picture(tmp_path / "out.png", np.full_like(pic.rgb, np.nan), pic)
     assert not (tmp_path / "out.png").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_overflowing_experts_are_never_saved_or_scored(tiny_bundle, photos, tmp_path, capsys, one_thread):
+    bundle = copy_bundle(tiny_bundle, tmp_path)  # finite weights, so the schema accepts them; outputs overflow
+    edit_tensors(bundle, lambda t: [v.fill_(1e30) for k, v in t.items() if k.startswith("experts.") and v.ndim == 4])
+    assert restore(str(bundle), photos, tmp_path / "out") == 1
+    assert "a.png: the restored image holds NaN/Inf values; not written" in capsys.readouterr().err
+    assert not list((tmp_path / "out").iterdir())
+    rc = main(["eval", "--weights", str(bundle), "--clean", str(photos), "--synth", "noise:25", "--device", "cpu",
+               "--out", str(tmp_path / "ev")])
+    last = capsys.readouterr().err.splitlines()[-1]  # after the progress bar
+    assert rc == 2 and last == "error: a: the output of expert 0 holds NaN/Inf values; refusing to score it"
+    assert not (tmp_path / "ev").exists() or not list((tmp_path / "ev").iterdir())
 
 
 def test_all_false_masks_are_refused_not_turned_into_nan():
