@@ -13,6 +13,8 @@ LAYOUTS = ("promptir", "rain100l", "reside-ots", "gopro", "lol", "basicsr", "cle
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from unirestorer.arguments import COUNT, NON_NEGATIVE
+
     shards = subparsers.add_parser("shards", help="write or inspect WebDataset shards of (lq, gt) pairs")
     sub = shards.add_subparsers(dest="shards_command", required=True, metavar="ACTION")
 
@@ -31,15 +33,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     w.add_argument("--sigmas", default="15,25,50", help="--layout promptir: noise sigmas (0..255) of Denoise/")
     w.add_argument("--out", required=True, metavar="OUT", help="output folder for shard-*.tar and manifest.json")
     w.add_argument("--tasks", default=None, help="comma-separated tasks for --clean, fixed mixtures as blur+noise (default: all)")
-    w.add_argument("--per-image", type=int, default=None,
+    w.add_argument("--per-image", type=COUNT, default=None,
                    help="samples per input image (default 4 for --clean, 1 for --paired)")  # fmt: skip
-    w.add_argument("--patch", type=int, default=None,
+    w.add_argument("--patch", type=NON_NEGATIVE, default=None,
                    help="crop size in px, 0 = whole images (default 256 for --clean, 0 for --paired)")  # fmt: skip
-    w.add_argument("--seed", type=int, default=0)
-    w.add_argument("--shard-size", type=int, default=256, help="samples per shard (default 256)")
-    w.add_argument("--workers", type=int, default=None, help="CPU worker processes (default: all cores)")
+    w.add_argument("--seed", type=NON_NEGATIVE, default=0)
+    w.add_argument("--shard-size", type=COUNT, default=256, help="samples per shard (default 256)")
+    w.add_argument("--workers", type=COUNT, default=None, help="CPU worker processes (default: all cores)")
     w.add_argument("--force", action="store_true", help="replace shards already in OUT")
-    w.add_argument("--max-pixels", type=int, default=None, help="skip larger images (default 50 million)")
+    w.add_argument("--max-pixels", type=COUNT, default=None, help="skip larger images (default 50 million)")
     w.set_defaults(func=_write)
 
     i = sub.add_parser("inspect", help="samples per task and per shard")
@@ -114,11 +116,12 @@ def _write_layout(args: argparse.Namespace, common: dict) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     from unirestorer.data_shards import writer
+    from unirestorer.data_shards.inspect import inspect_shards
 
     out = Path(args.out)
     sets = [p for p in sorted(out.iterdir()) if p.is_dir() and any(p.glob("shard-*.tar"))] if out.is_dir() else []
     if sets and not any(out.glob("shard-*.tar")):  # a layout's one shard set per task: OUT/<task>/
-        reports = [writer.inspect_shards(p) for p in sets]
+        reports = [inspect_shards(p) for p in sets]
         if args.json:
             print(json.dumps(reports, indent=1))
         else:
@@ -131,7 +134,7 @@ def _inspect(args: argparse.Namespace) -> int:
                   + ", ".join(f"{t} {n}" for t, n in sorted(totals.items())))
         return 1 if any(r["errors"] or not r["shards"] for r in reports) else 0
     try:
-        report = writer.inspect_shards(out)
+        report = inspect_shards(out)
     except writer.ShardWriteError as e:
         return _fail(str(e))
     print(json.dumps(report, indent=1) if args.json else format_report(report))

@@ -81,8 +81,36 @@ def read_rgb(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXEL
     return np.ascontiguousarray(img)
 
 
+def input_files(folder: str | os.PathLike, recursive: bool = False) -> tuple[list[Path], list[Path]]:
+    """(regular non-hidden files of `folder`, sorted; the entries passed over: hidden names, and what is
+    neither a file nor, when recursive, a folder such as FIFOs and devices). Every command that reads a
+    folder lists it here, so it can say how many entries it did not read instead of skipping them unseen."""
+    root = Path(folder)
+    files, passed = [], []
+    for p in sorted(root.rglob("*") if recursive else root.iterdir()):
+        rel = p.relative_to(root).parts
+        if any(s.startswith(".") for s in rel[:-1]):
+            continue  # inside a hidden folder, counted once as that folder
+        if rel[-1].startswith(".") or not (p.is_file() or (recursive and p.is_dir())):
+            passed.append(p)
+        elif p.is_file():
+            files.append(p)
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix()), passed
+
+
+def passed_over_note(folder: str | os.PathLike, passed: list[Path]) -> str:
+    """One line naming what `input_files` passed over (empty when nothing was)."""
+    if not passed:
+        return ""
+    names = ", ".join(p.name for p in passed[:3]) + (", ..." if len(passed) > 3 else "")
+    return f"note: {len(passed)} entries of {folder} not read (hidden names or not regular files): {names}"
+
+
 def to_uint8(img: np.ndarray) -> np.ndarray:
-    """Float [0, 1] -> uint8 with rounding (what PNG and JPEG store)."""
+    """Float [0, 1] -> uint8 with rounding (what PNG and JPEG store); NaN/Inf is refused, never stored
+    as black."""
+    if not np.isfinite(img).all():
+        raise ValueError("image holds NaN/Inf values; refusing to store it")
     return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 

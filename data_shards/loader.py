@@ -26,8 +26,10 @@ default each sample gets fresh parameters of its own stored task (so shard-set m
 their meaning, and real pairs keep their real LQ); `online_tasks` draws tasks uniformly instead, and
 `online_sigmas` is the noise-only path.
 
-Safety: only `lq.*`/`gt.*` images (PNG/JPEG) and `json` are ever decoded; other members are
-ignored, never unpickled. A corrupt shard (unreadable, not a tar, truncated, failing pipe: command)
+Safety: only `lq.*`/`gt.*` images (PNG/JPEG) and `json` are ever read and decoded; other members are
+skipped unread, never unpickled. Members are capped in size from their tar header (data_shards/members.py),
+images in pixels from their header, JSON in depth, and a local shard must be a regular file (a FIFO would
+block the stream). A corrupt shard (unreadable, not a tar, truncated, failing pipe: command)
 or sample (bad image bytes, bad JSON, missing member, mismatched sizes) is logged, counted and
 skipped; a shard counts once per read, and the incomplete sample a truncation leaves behind counts
 as a corrupt sample too. A shard set whose shards were all read, one full pass, without a single file
@@ -38,7 +40,6 @@ previous batch of that worker); `StreamLoader.skipped` holds the totals over the
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from dataclasses import dataclass, field
@@ -52,14 +53,18 @@ import torch
 import webdataset as wds
 from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import group_by_keys
 
 from unirestorer.data_shards.augment import crop_pair
 from unirestorer.data_shards.degradations import DEGRADATIONS, SIGMA, apply_label, synthesize, task_name, to_uint8
+from unirestorer.data_shards.imageio import DEFAULT_MAX_PIXELS
+from unirestorer.data_shards.members import expand_members, image_pixels, sample_json
+from unirestorer.safe_json import regular_file
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("png", "jpg", "jpeg")
+READ_FIELDS = {"json"} | {f"{name}.{ext}" for name in ("lq", "gt") for ext in IMAGE_EXTS}  # all else: skipped unread
 # this many failures in a row is a configuration error (wrong files, wrong format), not bad luck
 MAX_FAILED_SHARDS_IN_A_ROW = 100
 MAX_BAD_SAMPLES_IN_A_ROW = 1000
@@ -228,10 +233,12 @@ class Skips:
 
 
 def open_shards(urls: Iterator[str], skips: Skips, watch: PassWatch | None = None) -> Iterator[dict]:
-    """gopen each url (paths, pipe:, http...) for tar_file_expander; check its end once it is read."""
+    """gopen each url (paths, pipe:, http...) for expand_members; check its end once it is read."""
     for url in urls:
         skips.begin(url)
         try:
+            if not url.startswith("pipe:") and urlparse(url).scheme in ("", "file"):
+                regular_file(_path(url), "shard")
             stream = gopen(url)
         except Exception as exn:  # missing, unreadable, failing pipe: count it and go on
             skips.shard_error(exn)
@@ -241,7 +248,7 @@ def open_shards(urls: Iterator[str], skips: Skips, watch: PassWatch | None = Non
         checked = _TarEnd(stream)
         try:
             yield {"url": url, "stream": checked}
-            # tar_file_expander asks for the next shard only after finishing this one
+            # expand_members asks for the next shard only after finishing this one
             if not skips.failed and not checked.complete():
                 skips.shard_error(EOFError("truncated tar: no end-of-archive blocks"))
         finally:
@@ -259,6 +266,9 @@ def _image(sample: dict, name: str) -> np.ndarray:
     for ext in IMAGE_EXTS:
         data = sample.get(f"{name}.{ext}")
         if data is not None:
+            pixels = image_pixels(data)
+            if pixels > DEFAULT_MAX_PIXELS:
+                raise ValueError(f"{name}.{ext}: {pixels} pixels exceeds the limit of {DEFAULT_MAX_PIXELS}")
             img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
             if img is None:
                 raise ValueError(f"{name}.{ext}: not a decodable PNG/JPEG image ({len(data)} bytes)")
@@ -270,12 +280,7 @@ def decode(sample: dict, need_lq: bool, patch: int) -> dict:
     """Raw tar sample -> {"meta", "gt", "lq"?} with checked sizes; raises ValueError on bad data."""
     if "json" not in sample:
         raise ValueError("no json member")
-    try:
-        meta = json.loads(sample["json"])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exn:
-        raise ValueError(f"json member is not valid JSON: {exn}") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("task"), str):
-        raise ValueError("json member must be an object with a string 'task'")
+    meta = sample_json(sample["json"], "json member")
     out = {"meta": meta, "gt": _image(sample, "gt")}
     if need_lq:
         out["lq"] = _image(sample, "lq")
@@ -322,7 +327,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         for spec, urls, seed in zip(cfg.sources, self.urls, order_seeds):
             order = shard_order(urls, stream, n_streams, np.random.default_rng(seed))
             watch = PassWatch(spec, urls)
-            files = watch.files(tar_file_expander(open_shards(order, skips, watch), handler=skips.shard_error))
+            files = watch.files(expand_members(open_shards(order, skips, watch), skips.shard_error, READ_FIELDS))
             sets.append(group_by_keys(files, handler=skips.shard_error))
         samples = mix(sets, cfg.weights, np.random.default_rng(mix_seed))
         if cfg.shuffle_buffer > 1:

@@ -18,7 +18,6 @@ import os
 import platform
 import re
 import sys
-import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -30,12 +29,16 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 from unirestorer.data_shards.degradations import TASKS, synthesize, task_name
-from unirestorer.data_shards.imageio import DEFAULT_MAX_PIXELS, ImageReadError, encode_png, read_rgb
+from unirestorer.data_shards.imageio import (DEFAULT_MAX_PIXELS, ImageReadError, encode_png, input_files,
+                                             passed_over_note, read_rgb)
+from unirestorer.safe_files import UnsafePathError, atomic_path, atomic_write, check_writable, output_folder
 
 SHARD_NAME = "shard-%06d.tar"
 MANIFEST = "manifest.json"
 FORMAT = "unirestorer-shards/1"
-_OURS = re.compile(r"shard-\d{6}\.tar(\.tmp)?|manifest\.json(\.tmp)?")
+# temporary files are safe_files.atomic_path's: ".NAME.tmpPID.N" (".tmp" names: older versions)
+TEMPORARY = re.compile(r"\.(shard-\d{6}\.tar|manifest\.json)\.tmp\d+\.\d+|(shard-\d{6}\.tar|manifest\.json)\.tmp")
+_OURS = re.compile(rf"shard-\d{{6}}\.tar|manifest\.json|{TEMPORARY.pattern}")
 _TASK_NAME = re.compile(r"[a-z][a-z0-9_]*")
 
 
@@ -152,22 +155,22 @@ def _parallel_map(fn: Callable, workers: int) -> Iterator[Callable[[Iterable], I
 
 # ---- shard files --------------------------------------------------------------------------------
 class _ShardSink:
-    """Writes samples into fixed-size shards: temp name while open, renamed when complete."""
+    """Writes samples into fixed-size shards through safe_files.atomic_path: a fresh temporary name
+    (O_EXCL | O_NOFOLLOW, so a link planted there is never followed) while open, renamed when complete."""
 
     def __init__(self, out: Path, shard_size: int):
         import webdataset as wds
 
         self._wds, self.out, self.shard_size = wds, out, shard_size
         self.shards: list[dict] = []
-        self._file = self._tar = None
+        self._file = self._tar = self._commit = None
         self._count, self._tasks = 0, Counter()
-
-    def _tmp_path(self) -> Path:
-        return self.out / (SHARD_NAME % len(self.shards) + ".tmp")
 
     def write(self, sample: dict, task: str) -> None:
         if self._tar is None:
-            self._file = open(self._tmp_path(), "wb")
+            self._commit = atomic_path(self.out / (SHARD_NAME % len(self.shards)))
+            tmp = self._commit.__enter__()
+            self._file = os.fdopen(os.open(tmp, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW), "wb")
             # fixed owner and mtime: same samples -> same bytes
             self._tar = self._wds.TarWriter(self._file, encoder=False, user="unirestorer", group="unirestorer", mtime=0)
         self._tar.write(sample)
@@ -180,7 +183,7 @@ class _ShardSink:
         self._tar.close()
         self._file.close()
         name = SHARD_NAME % len(self.shards)
-        os.replace(self._tmp_path(), self.out / name)
+        self._commit.__exit__(None, None, None)  # fsync + rename onto the final name
         self.shards.append({"name": name, "samples": self._count, "tasks": dict(sorted(self._tasks.items()))})
         self._file = self._tar = None
         self._count, self._tasks = 0, Counter()
@@ -193,32 +196,36 @@ class _ShardSink:
         if self._tar is not None:
             self._tar.close()
             self._file.close()
-            self._tmp_path().unlink(missing_ok=True)
+            error = RuntimeError("shard writing aborted")
+            self._commit.__exit__(RuntimeError, error, None)  # removes the temporary file
 
 
 def _prepare_out(out: Path, force: bool) -> bool:
-    """Make OUT ready; returns whether we created it. --force removes only our own files."""
+    """Make OUT ready; returns whether we created it. --force removes only our own files (a link with one
+    of their names is removed, never followed)."""
     if out.exists() and not out.is_dir():
         raise ShardWriteError(f"{out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
         if not force:
             raise ShardWriteError(f"{out}: exists and is not empty; pass --force to replace the shards in it")
         for p in out.iterdir():
-            if p.is_file() and _OURS.fullmatch(p.name):
+            if (p.is_file() or p.is_symlink()) and _OURS.fullmatch(p.name):
                 p.unlink()
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     return created
 
 
-def list_images(root: str | os.PathLike) -> list[Path]:
-    """Every non-hidden file under `root`, sorted by relative path (non-images are reported later)."""
+def list_images(root: str | os.PathLike, report: bool = False) -> list[Path]:
+    """Every non-hidden regular file under `root`, sorted by relative path (non-images are reported later);
+    `report`: say on stderr how many entries were passed over (hidden, FIFOs...)."""
     root = Path(root)
     if not root.is_dir():
         raise ShardWriteError(f"{root}: no such directory")
-    files = (p for p in root.rglob("*") if p.is_file())
-    return sorted((p for p in files if not any(s.startswith(".") for s in p.relative_to(root).parts)),
-                  key=lambda p: p.relative_to(root).as_posix())  # fmt: skip
+    files, passed = input_files(root, recursive=True)
+    if report and passed:
+        print(passed_over_note(root, passed), file=sys.stderr)
+    return files
 
 
 def _versions() -> dict[str, str]:
@@ -237,6 +244,11 @@ def _run(kind: str, out: Path, items: list[_Item], worker: Callable, args: dict,
     `skipped` holds inputs already refused before any image was read (reported by the caller)."""
     if shard_size < 1:
         raise ShardWriteError(f"--shard-size must be at least 1, got {shard_size}")
+    try:
+        out = output_folder(out, "--out")
+        check_writable(out, "--out")
+    except UnsafePathError as err:
+        raise ShardWriteError(str(err)) from None
     created = _prepare_out(out, force)
     sink, converted = _ShardSink(out, shard_size), Counter()
     skipped, found = list(skipped), len(items) + len(skipped)
@@ -278,9 +290,7 @@ def _run(kind: str, out: Path, items: list[_Item], worker: Callable, args: dict,
         "args": args,
         "versions": _versions(),
     }
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, out / MANIFEST)
+    atomic_write(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     return manifest
 
 
@@ -306,7 +316,7 @@ def write_synthetic(clean_dir: str | os.PathLike, out: str | os.PathLike, tasks:
         raise ShardWriteError(f"no task given; choose from {', '.join(TASKS)} or a mixture like blur+noise")
     workers = _check_common(per_image, patch, workers)
     root = Path(clean_dir)
-    items = [_Item(i, p.relative_to(root).as_posix(), p) for i, p in enumerate(list_images(root))]
+    items = [_Item(i, p.relative_to(root).as_posix(), p) for i, p in enumerate(list_images(root, report=True))]
     args = {"clean": str(clean_dir), "tasks": list(tasks), "per_image": per_image, "patch": patch, "seed": seed,
             "shard_size": shard_size, "workers": workers, "max_pixels": max_pixels}  # fmt: skip
     job = _Job(per_image=per_image, patch=patch, seed=seed, max_pixels=max_pixels, tasks=tasks)
@@ -326,7 +336,7 @@ def write_paired(lq_dir: str | os.PathLike, gt_dir: str | os.PathLike, task: str
 
     def by_name(root: Path) -> dict[str, list[Path]]:
         names: dict[str, list[Path]] = {}
-        for p in list_images(root):
+        for p in list_images(root, report=True):
             names.setdefault(p.relative_to(root).with_suffix("").as_posix(), []).append(p)
         return names
 
@@ -348,46 +358,3 @@ def write_paired(lq_dir: str | os.PathLike, gt_dir: str | os.PathLike, task: str
     job = _Job(per_image=per_image, patch=patch, seed=seed, max_pixels=max_pixels, task=task)
     return _run("paired", Path(out), items, partial(_paired, job), args, shard_size, workers, force,
                 f"{lq_root} + {gt_root}", unmatched)  # fmt: skip
-
-
-# ---- inspection ---------------------------------------------------------------------------------
-def inspect_shards(out: str | os.PathLike) -> dict:
-    """Count samples per task and per shard by reading the shards themselves (json members only,
-    never pickle), and compare with manifest.json. Unreadable shards and leftover temp files are listed."""
-    out = Path(out)
-    if not out.is_dir():
-        raise ShardWriteError(f"{out}: no such directory")
-    shards, tasks, errors = [], Counter(), []
-    for path in sorted(out.glob("shard-*.tar")):
-        counts, members = Counter(), Counter()
-        try:
-            with tarfile.open(path) as tar:
-                for m in tar:
-                    key, _, field = m.name.partition(".")
-                    members[key] += 1
-                    if field == "json":
-                        counts[json.loads(tar.extractfile(m).read())["task"]] += 1
-        except (tarfile.TarError, OSError, ValueError, KeyError) as e:
-            errors.append(f"{path.name}: unreadable ({type(e).__name__}: {e})")
-            continue
-        if incomplete := sum(1 for n in members.values() if n != 3):
-            errors.append(f"{path.name}: {incomplete} samples without all of lq.png, gt.png, json")
-        shards.append({"name": path.name, "samples": sum(counts.values()), "tasks": dict(sorted(counts.items()))})
-        tasks.update(counts)
-    report = {
-        "out": str(out),
-        "num_samples": sum(tasks.values()),
-        "tasks": dict(sorted(tasks.items())),
-        "shards": shards,
-        "errors": errors,
-        "temporary_files": sorted(p.name for p in out.glob("*.tmp")),
-        "manifest": None,
-    }
-    manifest_path = out / MANIFEST
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
-        report["manifest"] = {
-            "kind": manifest.get("kind"),
-            "matches": manifest.get("tasks") == report["tasks"] and manifest.get("shards") == shards,
-        }
-    return report

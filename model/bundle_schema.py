@@ -9,8 +9,16 @@ content is accepted only where named (`FREE_FORM`), and the extractor's optional
 An expert of a LoRA tree also has `"lora": {"rank": int >= 1, "alpha": float > 0, "base": node}`, its base a
 plain expert (no `lora`) of the same spec whose weights it is rebuilt on.
 
-weights.safetensors must hold exactly the tensors the rebuilt modules expect, with their shapes, all
-finite: a missing, extra, misshapen or NaN/Inf tensor is refused with one line naming it.
+Sizes are bounded before anything is built: integers in [1, 65536] (fields named `*blocks` may be 0,
+and `*blocks`, `*heads`, `*crops` are at most 64), at most 1024 tree nodes, bundle.json at most 16 MiB
+and 64 deep (unirestorer/safe_json.py). The modules are then built on PyTorch's meta device (no memory),
+so the bytes the model needs are known before any is allocated and are refused above the machine's
+memory; a field that makes a constructor fail is one line too.
+
+weights.safetensors must hold exactly the tensors the rebuilt modules expect, with their shapes and
+dtypes, all finite: a missing, extra, misshapen, mistyped or NaN/Inf tensor is refused with one line
+naming it. The router's tree lookups must be the tree's own (leaf paths), and every task must allow a
+leaf and the root, or instruction mode would have nothing to pick.
 """
 
 from __future__ import annotations
@@ -19,6 +27,8 @@ import collections.abc
 import inspect
 import json
 import math
+import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -34,8 +44,11 @@ EXTRACTOR_EXTRAS = {"families": list[str]}  # optional keys the extractor config
 TREE_KEYS = {"level_sizes": list[int], "parents": list[int], "counts": list[int], "task_names": list[str],
              "task_counts": list[list[int]], "radii": list[float]}  # radii: optional (trees before them)
 LORA_KEYS = {"rank": int, "alpha": float, "base": int}
-MAX_INT = 1 << 20  # a width, depth or count beyond this is not a model this project builds
+MAX_INT = 1 << 16  # a width or size beyond this is not a model this project builds
+MAX_COUNT = 64  # blocks, heads, crops per entry
+COUNTS = re.compile(r"blocks|heads|crops")
 MAX_LIST = 1 << 16
+MAX_NODES = 1024
 
 
 class BundleError(ValueError):
@@ -96,10 +109,21 @@ def check_fields(obj: Any, allowed: Mapping[str, Any], required: list[str], wher
             raise BundleError(f"{where}.{name}: {json.dumps(value)[:80]} is not a valid {shown}")
 
 
+def check_range(name: str, value: Any, where: str) -> None:
+    """Integers (alone or in lists) in [1, MAX_INT]; fields named like counts in [0 or 1, MAX_COUNT]."""
+    count = COUNTS.search(name) is not None
+    low, high = (0 if "blocks" in name else 1), (MAX_COUNT if count else MAX_INT)
+    for v in value if isinstance(value, list) else [value]:
+        if isinstance(v, int) and not isinstance(v, bool) and not low <= v <= high:
+            raise BundleError(f"{where}.{name}: {v} is outside {low}..{high}")
+
+
 def check_kwargs(kwargs: Any, build: Callable[..., Any], where: str, extras: Mapping[str, Any] = {}) -> None:
     """`kwargs` must be a JSON object of `build`'s keyword parameters (plus `extras`), of their types."""
     allowed, required = constructor_fields(build)
     check_fields(kwargs, allowed | dict(extras), required, where)
+    for name, value in kwargs.items():
+        check_range(name, value, where)
 
 
 def check_backbone(name: str, where: str) -> None:
@@ -138,6 +162,9 @@ def check_config(config: Any, source: str, build_extractor: Callable[..., Any] |
     tree = config["tree"]
     check_fields(tree, TREE_KEYS, [k for k in TREE_KEYS if k != "radii"], f"{source}: tree")
     n_nodes = sum(tree["level_sizes"])
+    if n_nodes > MAX_NODES or n_nodes != len(tree["parents"]):
+        raise BundleError(f"{source}: tree.level_sizes sum to {n_nodes} nodes; expected one parent each "
+                          f"({len(tree['parents'])} given) and at most {MAX_NODES}")
     experts = config["experts"]
     if not isinstance(experts, dict) or sorted(experts) != sorted(str(n) for n in range(n_nodes)):
         got = sorted(experts)[:8] if isinstance(experts, dict) else type(experts).__name__
@@ -172,13 +199,43 @@ def check_lora(spec: dict, node: str, experts: dict, where: str) -> None:
 
 
 def read_config(path: Path, build_extractor: Callable[..., Any] | None = None) -> dict:
-    """bundle.json, parsed and checked."""
+    """bundle.json, parsed (bounded size and depth) and checked."""
+    from unirestorer.safe_json import JsonError, read_json
+
     try:
-        config = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise BundleError(f"{path}: not valid JSON ({err})") from None
+        config = read_json(path)
+    except JsonError as err:
+        raise BundleError(str(err)) from None
     check_config(config, str(path), build_extractor)
     return config
+
+
+def build_on_meta(build: Callable[[], Any], source: str) -> Any:
+    """`build()` on the meta device (shapes, no memory); a constructor's failure is a BundleError."""
+    try:
+        with torch.device("meta"):
+            return build()
+    except (TypeError, ValueError, ZeroDivisionError, RuntimeError, AssertionError, IndexError, KeyError) as err:
+        raise BundleError(f"{source}: the model it describes cannot be built ({type(err).__name__}: {err})") from None
+
+
+def check_memory(state: Mapping[str, Tensor], source: str) -> None:
+    """Refuse a model whose parameters and buffers need more bytes than this machine has."""
+    need = sum(t.numel() * t.element_size() for t in state.values())
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        raise BundleError(f"{source}: the model needs {need / 2**30:.1f} GiB for its weights, more than this "
+                          f"machine's {have / 2**30:.1f} GiB")
+
+
+def check_routing(router: Any, tree: Any, source: str) -> None:
+    """The router's lookups must be its tree's: leaf paths, and per task a leaf and the root allowed."""
+    if not torch.equal(router.leaf_paths.cpu(), tree.leaf_paths()):
+        raise BundleError(f"{source}: tensor 'router.leaf_paths' is not the tree's root-to-leaf paths")
+    for t, name in enumerate(router.task_names):
+        if not bool(router.task_leaf_mask[t].any()) or not bool(router.task_node_mask[t, 0]):
+            raise BundleError(f"{source}: task {name!r}: its masks ('router.task_leaf_mask', "
+                              f"'router.task_node_mask') allow no leaf or not the root")
 
 
 def read_tensors(path: Path, device: str | torch.device) -> dict[str, Tensor]:
@@ -191,8 +248,9 @@ def read_tensors(path: Path, device: str | torch.device) -> dict[str, Tensor]:
         raise BundleError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err})") from None
 
 
-def check_tensors(tensors: Mapping[str, Tensor], expected: Mapping[str, torch.Size], source: str) -> None:
-    """Exactly the expected tensor names, with the expected shapes, every floating value finite."""
+def check_tensors(tensors: Mapping[str, Tensor], expected: Mapping[str, Tensor], source: str) -> None:
+    """Exactly the expected tensor names (`expected`: name -> a tensor of the shape and dtype wanted, meta
+    ones do), with their shapes and dtypes, every floating value finite."""
     missing = sorted(set(expected) - set(tensors))
     if missing:
         raise BundleError(f"{source}: tensor {missing[0]!r} is missing ({len(missing)} missing)")
@@ -201,9 +259,12 @@ def check_tensors(tensors: Mapping[str, Tensor], expected: Mapping[str, torch.Si
         raise BundleError(f"{source}: unexpected tensor {extra[0]!r} ({len(extra)} not used by the model)")
     for name in sorted(expected):
         t = tensors[name]
-        if tuple(t.shape) != tuple(expected[name]):
+        if tuple(t.shape) != tuple(expected[name].shape):
             raise BundleError(f"{source}: tensor {name!r} has shape {tuple(t.shape)}, the model expects "
-                              f"{tuple(expected[name])}")
+                              f"{tuple(expected[name].shape)}")
+        if t.dtype != expected[name].dtype:
+            raise BundleError(f"{source}: tensor {name!r} has dtype {t.dtype}, the model expects "
+                              f"{expected[name].dtype}")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise BundleError(f"{source}: tensor {name!r} holds NaN/Inf values; refusing a model that would "
                               f"restore garbage")

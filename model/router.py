@@ -56,17 +56,27 @@ def select(
     node on the root→k* path is allowed (so the level mask follows the chosen leaf).
     """
     if leaf_mask is not None:
+        _refuse_empty(leaf_mask, "leaf_mask allows no leaf")
         leaf_logits = leaf_logits.masked_fill(~leaf_mask, float("-inf"))
     p_leaf = leaf_logits.softmax(-1)
     leaf = p_leaf.argmax(-1)
     paths = leaf_paths[leaf]  # [B, n_levels]
     if node_mask is not None:
-        level_logits = level_logits.masked_fill(~node_mask.gather(1, paths), float("-inf"))
+        allowed = node_mask.gather(1, paths)
+        _refuse_empty(allowed, "node_mask allows no node on the chosen leaf's path")
+        level_logits = level_logits.masked_fill(~allowed, float("-inf"))
     p_level = level_logits.softmax(-1)
     level = p_level.argmax(-1)
     g = p_leaf.gather(1, leaf[:, None]).squeeze(1) + p_level.gather(1, level[:, None]).squeeze(1)
     node = paths.gather(1, level[:, None]).squeeze(1)
     return Route(node, leaf, level, g, p_leaf, p_level, leaf_logits, level_logits)
+
+
+def _refuse_empty(mask: Tensor, what: str) -> None:
+    """An all-False mask row makes every probability NaN and the argmax an arbitrary pick: refuse it."""
+    empty = ~mask.any(-1)
+    if bool(empty.any()):
+        raise ValueError(f"{what} for image(s) {empty.nonzero().flatten().tolist()}")
 
 
 def gate(expert_out: Tensor, g: Tensor) -> Tensor:

@@ -242,19 +242,37 @@ class UniRestorer(nn.Module):
             if not f.is_file():
                 raise FileNotFoundError(f"bundle file missing: {f}")
         config = bundle_schema.read_config(cfg_file, build_extractor)  # checked before any value reaches a constructor
-        tensors = bundle_schema.read_tensors(weights_file, device)
-        extractor = build_extractor(**config["extractor"])
-        router = Router(**config["router"])
         specs = {int(k): {n: v for n, v in s.items() if n != "lora"} for k, s in config["experts"].items()}
         loras = {int(k): s["lora"] for k, s in config["experts"].items() if "lora" in s}
-        experts = {n: build_expert(**s) for n, s in specs.items()}
-        for n, lora in loras.items():
-            add_lora(experts[n], lora["rank"], lora["alpha"])
-        parts = {"extractor.": extractor, "router.": router} | {f"experts.{n}.": e for n, e in experts.items()}
-        expected = {"tree.centroids": (len(config["tree"]["parents"]), config["router"]["dim"])}  # router dim = embedding dim
-        expected |= {p + k: v.shape for p, m in parts.items()
+
+        def build(share: bool = False) -> dict[str, nn.Module]:
+            """Every module by its tensor prefix; `share`: nodes of one spec get one module (on meta, shapes only)."""
+            cache: dict[str, nn.Module] = {}
+
+            def expert(n: int) -> nn.Module:
+                lora = loras.get(n)
+                key = json.dumps([specs[n], lora and [lora["rank"], lora["alpha"]]], sort_keys=True)
+                if not share or key not in cache:
+                    cache[key] = build_expert(**specs[n])
+                    if lora:
+                        add_lora(cache[key], lora["rank"], lora["alpha"])
+                return cache[key]
+
+            return {"extractor.": build_extractor(**config["extractor"]), "router.": Router(**config["router"])} | {
+                f"experts.{n}.": expert(n) for n in specs}
+
+        # shapes, dtypes and bytes from a build on the meta device: nothing is allocated before they are checked
+        meta = bundle_schema.build_on_meta(lambda: build(share=True), str(cfg_file))
+        bundle_schema.check_memory({p + k: v for p, m in meta.items() for k, v in m.state_dict().items()}, str(cfg_file))
+        expected = {"tree.centroids": torch.empty(len(config["tree"]["parents"]), config["router"]["dim"],
+                                                  device="meta")}  # router dim = embedding dim
+        expected |= {p + k: v for p, m in meta.items()
                      for k, v in (lora_state_dict(m) if has_lora(m) else m.state_dict()).items()}
+        tensors = bundle_schema.read_tensors(weights_file, device)
         bundle_schema.check_tensors(tensors, expected, str(weights_file))
+        parts = build()
+        extractor, router = parts["extractor."], parts["router."]
+        experts = {n: parts[f"experts.{n}."] for n in specs}
 
         def under(prefix: str) -> dict[str, Tensor]:
             return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -265,6 +283,7 @@ class UniRestorer(nn.Module):
             module.load_state_dict(bases.get(prefix, {}) | under(prefix))
             module.to(device)
         tree = DegradationTree.from_state(config["tree"], {"centroids": tensors["tree.centroids"].cpu()}, str(cfg_file))
+        bundle_schema.check_routing(router, tree, str(weights_file))
         model = cls(extractor, tree, router, experts, expert_specs=specs, extractor_config=config["extractor"])
         return model.eval()
 

@@ -204,6 +204,27 @@ BAD_BUNDLES = {
     "truncated weights": (lambda b: (b / "weights.safetensors").write_bytes(
         (b / "weights.safetensors").read_bytes()[:5000]), "weights.safetensors: not a readable safetensors file"),
     "not JSON": (lambda b: (b / "bundle.json").write_text('{"format": '), "bundle.json: not valid JSON"),
+    # issue 20: bundles that loaded and then restored garbage, tracebacks, or asked for unbounded memory
+    "integer conv weights": (lambda b: edit_tensors(b, lambda t: t.update({"experts.0.ending.weight": torch.ones_like(
+        t["experts.0.ending.weight"], dtype=torch.int32)})),
+        "tensor 'experts.0.ending.weight' has dtype torch.int32, the model expects torch.float32"),
+    "zero crop size": (lambda b: edit_config(b, lambda c: c["extractor"].update(crop=0)),
+                       "bundle.json: extractor.crop: 0 is outside 1..65536"),
+    "deeply nested JSON": (lambda b: (b / "bundle.json").write_text(
+        (b / "bundle.json").read_text()[:-1] + ', "source": ' + "[" * 50000 + "]" * 50000 + "}"),
+        "bundle.json: JSON nested 50001 deep exceeds the limit of 64"),
+    "router dim of tens of GB": (lambda b: edit_config(b, lambda c: c["router"].update(dim=65536)),
+                                 "bundle.json: the model needs 160.0 GiB for its weights"),
+    "experts of terabytes": (lambda b: edit_config(b, lambda c: [e.update(width=65536) for e in c["experts"].values()]),
+                             "bundle.json: the model needs"),
+    "leaf paths out of range": (lambda b: edit_tensors(b, lambda t: t["router.leaf_paths"].fill_(99)),
+                                "tensor 'router.leaf_paths' is not the tree's root-to-leaf paths"),
+    "all-false task mask": (lambda b: edit_tensors(b, lambda t: t["router.task_leaf_mask"].fill_(False)),
+                            "weights.safetensors: task 'dark': its masks ('router.task_leaf_mask', "
+                            "'router.task_node_mask') allow no leaf or not the root"),
+    "constructor failure": (lambda b: edit_config(b, lambda c: c["experts"]["0"].update(name="restormer",
+                                                                                       heads=[5, 5, 5, 5])),
+                            "bundle.json: the model it describes cannot be built"),
 }
 
 

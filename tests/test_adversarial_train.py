@@ -159,7 +159,7 @@ def test_corrupt_complete_marker_is_a_clear_error(trained, shards, tmp_path):
     before = snapshot(ck)
     code, out = train(resume_args(ck, shards), tmp_path)
     assert code == 2
-    error_once(out, f"{ck / 'step_00000002' / ckpt.MARKER} is corrupt (JSONDecodeError")
+    error_once(out, f"{ck / 'step_00000002' / ckpt.MARKER} is corrupt (not valid JSON")
     assert unchanged(before, ck)
 
 
@@ -311,5 +311,5 @@ def test_export_refuses_a_latest_outside_the_folder(tmp_path, capsys):
     (root / "latest").write_text("../elsewhere/step_00000005")
     assert main(["export", str(root), "--out", str(tmp_path / "bundle")]) == 2
     assert f"export failed: checkpoint {root}: {root / 'latest'} holds '../elsewhere/step_00000005', not the tag " \
-           f"of a step folder inside {root} (step_NNNNNNNN); refusing to follow it" in capsys.readouterr().out
+           f"of a step folder inside {root} (step_NNNNNNNN); refusing to follow it" in capsys.readouterr().err
     assert not (tmp_path / "bundle").exists()

@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageOps
 
 from unirestorer.cli import main
-from unirestorer.image_io import load_picture, upright
+from unirestorer.image_io import load_picture
 from unirestorer.model.unirestorer import UniRestorer
 from unirestorer.restore import run_expert, tiled
 
@@ -56,7 +56,6 @@ def test_exif_orientation_matches_pillow(tmp_path):
         with Image.open(path) as im:
             ref = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
         assert np.array_equal((load_picture(path).rgb * 255 + 0.5).astype(np.uint8), ref), orientation
-    assert np.array_equal(upright(np.arange(6).reshape(2, 3), 6), np.rot90(np.arange(6).reshape(2, 3), -1))
 
 
 @pytest.fixture

@@ -227,7 +227,7 @@ def test_export_from_experts_checkpoint_routes_to_root(pipeline, tmp_path, capsy
     from unirestorer.cli import main
 
     assert main(["export", str(root / "ckpt" / "extractor"), "--out", str(tmp_path / "c")]) == 2
-    assert "export needs one of the experts or router stage" in capsys.readouterr().out
+    assert "export needs one of the experts or router stage" in capsys.readouterr().err
 
 
 def entry(args: list[str], root: Path) -> subprocess.CompletedProcess:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from unirestorer.data_shards import writer
+from unirestorer.data_shards.inspect import inspect_shards
 from unirestorer.data_shards.degradations import TASKS, synthesize
 from unirestorer.data_shards.imageio import ImageReadError, decode_png, encode_png, read_rgb, to_uint8
 
@@ -90,7 +91,7 @@ def test_manifest_and_inspect_agree(clean_dir: Path, tmp_path: Path, capsys: pyt
     assert saved == manifest and saved["format"] == "unirestorer-shards/1" and saved["kind"] == "synthetic"
     assert saved["tasks"] == {"mixed": 4, "noise": 4} and saved["args"]["patch"] == 0
     assert {"numpy", "webdataset", "opencv-python-headless", "python"} <= set(saved["versions"])
-    report = writer.inspect_shards(out)
+    report = inspect_shards(out)
     assert report["tasks"] == saved["tasks"] and report["manifest"] == {"kind": "synthetic", "matches": True}
     assert [s["samples"] for s in report["shards"]] == [3, 3, 2] and not report["errors"]
     assert not list(out.glob("*.tmp"))
@@ -101,7 +102,7 @@ def test_manifest_and_inspect_agree(clean_dir: Path, tmp_path: Path, capsys: pyt
     assert decode_png(next(iter(first.values()))["gt.png"]).shape == (40, 56, 3)
     # a damaged shard is reported, not trusted
     (out / "shard-000001.tar").write_bytes((out / "shard-000001.tar").read_bytes()[:700])
-    damaged = writer.inspect_shards(out)
+    damaged = inspect_shards(out)
     assert damaged["errors"] and "shard-000001.tar" in damaged["errors"][0]
     assert damaged["manifest"]["matches"] is False
     assert cli.main(["shards", "inspect", str(out)]) == 1
@@ -112,7 +113,7 @@ def test_unfinished_shard_never_looks_complete(tmp_path: Path) -> None:
     sample = {"__key__": "a", "lq.png": b"x", "gt.png": b"y", "json": b'{"task": "noise"}'}
     for i in range(3):
         sink.write({**sample, "__key__": f"k{i}"}, "noise")
-    assert list(tmp_path.glob("shard-*.tar")) == [] and [p.name for p in tmp_path.iterdir()] == ["shard-000000.tar.tmp"]
+    assert list(tmp_path.glob("shard-*.tar")) == [] and [bool(writer.TEMPORARY.fullmatch(p.name)) for p in tmp_path.iterdir()] == [True]
     sink.abort()
     assert list(tmp_path.iterdir()) == []
 

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from unirestorer.safe_files import atomic_write, fsync_dir, fsync_file
+from unirestorer.safe_files import atomic_path, atomic_write, fsync_dir, fsync_file
 
 MARKER = "COMPLETE.json"
 LATEST = "latest"
@@ -97,7 +97,8 @@ def write_checkpoint(engine: Any, ckpt_dir: str | Path, step: int, client_state:
         shutil.rmtree(path)
     engine.save_checkpoint(str(ckpt_dir), tag=tag_for(step), client_state={**client_state, "step": step},
                            save_latest=False)
-    torch.save(rank_state, path / f"rank_{rank:05d}_state.pt")
+    with atomic_path(path / f"rank_{rank:05d}_state.pt") as tmp:  # never through a link planted there
+        torch.save(rank_state, tmp)
     for f in path.iterdir():  # durable before rank 0 marks the save complete (files of every rank, cheap)
         if f.is_file() and not f.is_symlink():
             fsync_file(f)
@@ -155,12 +156,24 @@ def _point(path: Path, how: str) -> ResumePoint:
     if not is_complete(path):
         raise CheckpointError(f"{how}: checkpoint {path} has no {MARKER}: its save did not finish "
                               f"(crash or preemption during the write); resume from an older one or use --resume none")
+    info = read_marker(path, how)
+    return ResumePoint(path.parent, path.name, info["step"], info["world_size"])
+
+
+def read_marker(path: Path, how: str) -> dict[str, int]:
+    """The COMPLETE.json of step folder `path` ({"step", "world_size"}, integers); CheckpointError if corrupt."""
+    from unirestorer.safe_json import JsonError, read_json
+
     try:
-        info = json.loads((path / MARKER).read_text())
-        return ResumePoint(path.parent, path.name, int(info["step"]), int(info["world_size"]))
-    except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise CheckpointError(f"{how}: {path / MARKER} is corrupt ({type(err).__name__}: {str(err)[:120]}); "
-                              f"resume from another checkpoint with --resume PATH") from None
+        info = read_json(path / MARKER)
+    except JsonError as err:
+        info = err
+    if not isinstance(info, dict) or not all(type(info.get(k)) is int for k in ("step", "world_size")):
+        problem = str(info).removeprefix(f"{path / MARKER}: ") if isinstance(info, JsonError) else (
+            "expected integers 'step' and 'world_size'")
+        raise CheckpointError(f"{how}: {path / MARKER} is corrupt ({problem[:160]}); use another checkpoint "
+                              f"(--resume PATH)")
+    return {"step": info["step"], "world_size": info["world_size"]}
 
 
 def resolve_resume(resume: str, ckpt_dir: str | Path) -> ResumePoint | None:

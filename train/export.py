@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from unirestorer.model.lora import tree_expert
 from unirestorer.model.router import Router
 from unirestorer.model.unirestorer import CONFIG, UniRestorer
-from unirestorer.safe_files import atomic_write
+from unirestorer.safe_files import UnsafePathError, atomic_write, check_writable, output_folder
 from unirestorer.train.checkpoint import CheckpointError
 from unirestorer.train.stage_state import extractor_from_checkpoint, tree_from_state
 from unirestorer.train.weights import Checkpoint, expert_files_by_node, load_submodule, read_checkpoint
@@ -55,13 +56,24 @@ def restorer_from_checkpoint(ckpt: Checkpoint) -> tuple[UniRestorer, str]:
     return model.eval(), note
 
 
-def export(ckpt_dir: str | Path, out: str | Path) -> str:
+def check_out(out: str | Path, overwrite: bool) -> Path:
+    """The bundle folder, links in its parents resolved once; an existing non-empty folder is refused
+    unless `overwrite` (then only the bundle's two files in it are replaced)."""
+    folder = output_folder(out, "--out")
+    check_writable(folder, "--out")
+    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
+        raise UnsafePathError(f"--out {out} exists and is not empty; pass --overwrite to write the bundle into it")
+    return folder
+
+
+def export(ckpt_dir: str | Path, out: str | Path, overwrite: bool = False) -> str:
     """Write the bundle of checkpoint `ckpt_dir` (a step folder, or a folder whose `latest` names one)."""
+    out = check_out(out, overwrite)
     ckpt = read_checkpoint(ckpt_dir)
     model, note = restorer_from_checkpoint(ckpt)
     model.save_bundle(out)
-    config_file = Path(out) / CONFIG
-    bundle = json.loads(config_file.read_text())
+    config_file = out / CONFIG
+    bundle = json.loads(config_file.read_text())  # the file just written
     bundle["source"] = {"checkpoint": str(ckpt.path), "stage": ckpt.client_state.get("stage"), "step": ckpt.step,
                         "note": note}
     bundle["training_config"] = ckpt.client_state.get("config", {})
@@ -71,9 +83,9 @@ def export(ckpt_dir: str | Path, out: str | Path) -> str:
 
 def _run(args: argparse.Namespace) -> int:
     try:
-        note = export(args.ckpt_dir, args.out)
-    except (CheckpointError, ValueError) as err:
-        print(f"export failed: {err}")
+        note = export(args.ckpt_dir, args.out, args.overwrite)
+    except (CheckpointError, ValueError, OSError) as err:
+        print(f"error: export failed: {err}", file=sys.stderr)
         return 2
     print(f"wrote {args.out} from {args.ckpt_dir}: {note}")
     return 0
@@ -83,4 +95,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("export", help="write an inference bundle from an experts or router checkpoint")
     p.add_argument("ckpt_dir", help="checkpoint folder (step_XXXXXXXX, or the ckpt dir whose `latest` names one)")
     p.add_argument("--out", required=True, help="bundle folder to write (weights.safetensors + bundle.json)")
+    p.add_argument("--overwrite", action="store_true", help="write into an existing non-empty folder, replacing "
+                                                            "the bundle files in it")
     p.set_defaults(func=_run)

@@ -27,7 +27,7 @@ from typing import Any, Collection, Sequence
 import torch
 from torch import nn
 
-from unirestorer.train.checkpoint import LATEST, MARKER, CheckpointError, read_latest
+from unirestorer.train.checkpoint import LATEST, MARKER, CheckpointError, read_latest, read_marker
 
 DENSE_FILE = "mp_rank_00_model_states.pt"
 EXPERT_RE = re.compile(r"^layer_(\d+)_expert_(\d+)_mp_rank_00_model_states\.pt$")
@@ -74,6 +74,8 @@ def step_dir(path: str | Path) -> Path:
                               f"with a '{LATEST}' file naming one")
     if (p.parent / LATEST).is_file() and not (p / MARKER).is_file():
         raise CheckpointError(f"checkpoint {p} has no {MARKER}: its save did not finish")
+    if (p / MARKER).exists():
+        read_marker(p, f"checkpoint {p}")
     return p
 
 

@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from unirestorer import __version__
+from unirestorer.arguments import OneLineParser
 from unirestorer import demo
 from unirestorer import evaluate
 from unirestorer import restore
@@ -18,7 +19,7 @@ from unirestorer.train import export
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="unirestorer", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="unirestorer", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"unirestorer {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     shards_cli.add_parser(sub)

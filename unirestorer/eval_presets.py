@@ -30,8 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-from unirestorer.evaluate import Sample, evaluate, load_pairs, load_synthetic, markdown, summarise, write_csv
-from unirestorer.metrics import Convention, crop_to_multiple, mean
+from unirestorer.evaluate import (Sample, evaluate, images_by_name, load_pairs, load_synthetic, markdown, read_pair,
+                                  summarise, write_csv)
+from unirestorer.metrics import Convention, mean
+from unirestorer.safe_files import atomic_write, ensure_dir
 
 ROWS = (("input", "Input (no restoration)"), ("root", "Root expert only"), ("leaf", "Estimated leaf only"),
         ("routed", "UniRestorer (routed)"), ("oracle", "Oracle node on the path"))  # fmt: skip
@@ -68,33 +70,19 @@ def convention(family: str, task: str) -> Convention:
     return Convention(y_channel=task == "rain", uint8=True, border=0, multiple=1)
 
 
-def _read(path: Path, multiple: int) -> np.ndarray:
-    from unirestorer.image_io import load_picture
-
-    return crop_to_multiple(load_picture(path).rgb, multiple)
-
-
-def _files(folder: Path) -> dict[str, Path]:
-    return {p.stem: p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")}
-
-
 def _mapped(base: Path, lq: str, gt: str, gt_key: str, multiple: int, limit: int | None) -> list[Sample]:
     """Pairs whose GT name is not the LQ name: SOTS's ID_A_BETA -> ID, GoPro's SEQ/{blur,sharp}/N."""
     if gt_key == "id":
-        targets = _files(base / gt)
-        names = [(n, p, targets.get(n.split("_")[0])) for n, p in _files(base / lq).items()]
+        targets = images_by_name(base / gt)
+        names = [(n, p, targets.get(n.split("_")[0])) for n, p in images_by_name(base / lq).items()]
     else:  # sequences: every SEQ folder of the split holds lq/ and gt/
         names = []
         for seq in sorted(p for p in base.iterdir() if (p / lq).is_dir()):
-            targets = _files(seq / gt) if (seq / gt).is_dir() else {}
-            names += [(f"{seq.name}/{n}", p, targets.get(n)) for n, p in _files(seq / lq).items()]
+            targets = images_by_name(seq / gt) if (seq / gt).is_dir() else {}
+            names += [(f"{seq.name}/{n}", p, targets.get(n)) for n, p in images_by_name(seq / lq).items()]
     if missing := [str(p) for _, p, g in names if g is None]:
         raise ValueError(f"{len(missing)} input(s) have no ground truth: {missing[:3]}")
-    samples = [Sample(n, _read(p, multiple), _read(g, multiple)) for n, p, g in names[:limit]]
-    for s, (_, p, g) in zip(samples, names):
-        if s.lq.shape != s.gt.shape:
-            raise ValueError(f"{p}: size {s.lq.shape[:2]} differs from its ground truth {g} {s.gt.shape[:2]}")
-    return samples
+    return [Sample(n, *read_pair(p, g, multiple)) for n, p, g in names[:limit]]
 
 
 def find(root: Path, options: BenchmarkSet | tuple[BenchmarkSet, ...]) -> tuple[BenchmarkSet, Path, str, str] | None:
@@ -172,8 +160,7 @@ def run_preset(args: argparse.Namespace, device) -> int:
                               device, progress=False)  # fmt: skip
         results[col] = summarise(records)
         folder = out / col.split()[-1].replace("=", "").replace("σ", "sigma")
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "results.md").write_text(markdown(f"{col}: {base}", conv, records, model.tree.n_levels))
+        atomic_write(ensure_dir(folder) / "results.md", markdown(f"{col}: {base}", conv, records, model.tree.n_levels))
         write_csv(folder / "results.csv", records)
         extra = ""
         if ts.sigma is not None:
@@ -185,7 +172,6 @@ def run_preset(args: argparse.Namespace, device) -> int:
              + "\nPSNR (dB) / SSIM per set; Average over the sets found.\n" + "\n".join(notes) + "\n"
              + (f"- Not found under {root} (left blank): {', '.join(missing)}\n" if missing else ""))  # fmt: skip
     print(table)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "table.md").write_text(table)
+    atomic_write(ensure_dir(out) / "table.md", table)
     print(f"wrote {out}")
     return 0

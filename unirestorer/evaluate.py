@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from unirestorer.metrics import Convention, crop_to_multiple, mean, psnr, ssim
-from unirestorer.safe_files import atomic_write, child, ensure_dir, refuse_symlink
+from unirestorer.safe_files import atomic_write, check_writable, child, ensure_dir
 
 METHODS = ("input", "classical", "root", "leaf", "routed", "oracle")
 # --synth FAMILY:VALUE -> (degradation type, the parameter VALUE sets); FAMILY alone draws params.
@@ -54,33 +54,56 @@ def known_sigma(label: dict) -> float | None:
     return None
 
 
-def _images(folder: Path) -> dict[str, Path]:
+def images_by_name(folder: Path) -> dict[str, Path]:
+    """The folder's images by file stem; two files of one stem (a.png, a.jpg) are refused, naming both,
+    since either could be the one scored. Entries passed over (hidden, not regular) are said on stderr."""
+    from unirestorer.data_shards.imageio import input_files, passed_over_note
+
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such folder")
-    return {p.stem: p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")}
+    files, passed = input_files(folder)
+    if passed:
+        print(passed_over_note(folder, passed), file=sys.stderr)
+    by_name: dict[str, Path] = {}
+    for p in files:
+        if p.stem in by_name:
+            raise ValueError(f"{by_name[p.stem]} and {p} have the same name {p.stem!r}; keep one of them")
+        by_name[p.stem] = p
+    return by_name
 
 
-def _read(path: Path, multiple: int) -> np.ndarray:
-    from unirestorer.image_io import load_picture
-
-    img = crop_to_multiple(load_picture(path).rgb, multiple)
+def _crop(img: np.ndarray, path: Path, multiple: int) -> np.ndarray:
+    img = crop_to_multiple(img, multiple)
     if img.size == 0:
         raise ValueError(f"{path}: smaller than the crop multiple {multiple}")
     return img
 
 
+def _read(path: Path, multiple: int) -> np.ndarray:
+    from unirestorer.image_io import load_picture
+
+    return _crop(load_picture(path).rgb, path, multiple)
+
+
+def read_pair(lq: Path, gt: Path, multiple: int) -> tuple[np.ndarray, np.ndarray]:
+    """An LQ image and its GT, cropped alike; sizes are compared before the crop, which would hide a
+    misalignment (a 50x50 and a 48x50 image crop to the same 48x48)."""
+    from unirestorer.image_io import load_picture
+
+    a, b = load_picture(lq).rgb, load_picture(gt).rgb
+    if a.shape != b.shape:
+        raise ValueError(f"{lq}: {a.shape[1]}x{a.shape[0]} but its ground truth {gt} is {b.shape[1]}x{b.shape[0]}; "
+                         f"refusing to score a misaligned pair")
+    return _crop(a, lq, multiple), _crop(b, gt, multiple)
+
+
 def load_pairs(lq_dir: Path, gt_dir: Path, multiple: int = 16, limit: int | None = None) -> list[Sample]:
-    """Pairs matched by file stem; every LQ needs a GT of the same size."""
-    lq, gt = _images(lq_dir), _images(gt_dir)
+    """Pairs matched by file stem; every LQ needs one GT of the same size."""
+    lq, gt = images_by_name(lq_dir), images_by_name(gt_dir)
     missing = sorted(set(lq) - set(gt))
     if missing:
         raise ValueError(f"{len(missing)} input(s) in {lq_dir} have no ground truth in {gt_dir}: {missing[:5]}")
-    samples = []
-    for name in sorted(lq)[:limit]:
-        a, b = _read(lq[name], multiple), _read(gt[name], multiple)
-        if a.shape != b.shape:
-            raise ValueError(f"{lq[name]}: size {a.shape[:2]} differs from its ground truth {gt[name]} {b.shape[:2]}")
-        samples.append(Sample(name, a, b))
+    samples = [Sample(name, *read_pair(lq[name], gt[name], multiple)) for name in sorted(lq)[:limit]]
     if not samples:
         raise ValueError(f"{lq_dir}: no image pairs found")
     return samples
@@ -113,7 +136,7 @@ def load_synthetic(clean_dir: Path, spec: str, seed: int = 0, multiple: int = 16
 
     task, fixed = synth_label(spec)
     samples = []
-    for i, (name, path) in enumerate(sorted(_images(clean_dir).items())[:limit]):
+    for i, (name, path) in enumerate(sorted(images_by_name(clean_dir).items())[:limit]):
         gt = _read(path, multiple)
         rng = np.random.default_rng([seed, i])
         label = fixed or sample_label(task, rng)  # synthesize() draws the label from rng the same way
@@ -146,6 +169,8 @@ def evaluate(model, samples: list[Sample], conv: Convention = Convention(), task
         leaf = int(route.leaf[0])
         path = [int(n) for n in model.router.leaf_paths[leaf]]
         outs = {n: run_expert(model, n, x, tile, overlap, bf16=bf16)[0].permute(1, 2, 0).cpu().numpy() for n in path}
+        if bad := [n for n, o in outs.items() if not np.isfinite(o).all()]:
+            raise ValueError(f"{s.name}: the output of expert {bad[0]} holds NaN/Inf values; refusing to score it")
         score = {n: (psnr(o, s.gt, conv), ssim(o, s.gt, conv)) for n, o in outs.items()}
         node = int(route.node[0])
         best = max(path, key=lambda n: score[n][0])
@@ -259,6 +284,8 @@ def grid_png(rows: list[list[tuple[np.ndarray, str]]], height: int = 128) -> byt
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from unirestorer.arguments import COUNT, NON_NEGATIVE
+
     p = subparsers.add_parser("eval", help="PSNR/SSIM of the model and its baselines on a test set")
     p.add_argument("--weights", required=True, metavar="BUNDLE")
     src = p.add_mutually_exclusive_group(required=True)
@@ -271,22 +298,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--instruct", action="store_true", help="route in instruction mode for --task")
     p.add_argument("--classical", choices=("auto", "bm3d", "nlmeans"), default="auto",
                    help="denoiser of the classical row on noise sets (default auto: BM3D where installed)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic degradation (default 0)")
+    p.add_argument("--seed", type=NON_NEGATIVE, default=0, help="seed of the synthetic degradation (default 0)")
     p.add_argument("--y-channel", action="store_true", help="metrics on BT.601 Y (BasicSR, e.g. rain)")
     p.add_argument("--uint8", action="store_true", help="round outputs and targets to uint8 first")
-    p.add_argument("--border", type=int, default=0, help="pixels cropped from each side before the metrics")
-    p.add_argument("--multiple", type=int, default=16, help="centre crop inputs to this multiple (default 16)")
-    p.add_argument("--tile", type=int, default=0, help="tiled inference tile size (default 0: whole image)")
-    p.add_argument("--overlap", type=int, default=64)
+    p.add_argument("--border", type=NON_NEGATIVE, default=0, help="pixels cropped from each side before the metrics")
+    p.add_argument("--multiple", type=COUNT, default=16, help="centre crop inputs to this multiple (default 16)")
+    p.add_argument("--tile", type=NON_NEGATIVE, default=0, help="tiled inference tile size (default 0: whole image)")
+    p.add_argument("--overlap", type=NON_NEGATIVE, default=64)
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     p.add_argument("--bf16", action="store_true", help="experts under bf16 autocast (routing stays fp32)")
-    p.add_argument("--limit", type=int, default=None, help="first N images only")
+    p.add_argument("--limit", type=COUNT, default=None, help="first N images only")
     p.add_argument("--name", help="name of this run in titles and the summary (default: --synth, else --task); "
                                   "also the folder under runs/eval/, so a plain name (no '/', '..')")
     p.add_argument("--out", type=Path, help="output folder (default runs/eval/NAME)")
     p.add_argument("--json", action="store_true", help="also write results.json")
     p.add_argument("--summary", type=Path, metavar="FILE", help="append one row to this markdown table")
-    p.add_argument("--grid", type=int, default=3, metavar="K", help="worst and best K images in grid.png")
+    p.add_argument("--grid", type=NON_NEGATIVE, default=3, metavar="K", help="worst and best K images in grid.png")
     p.set_defaults(func=run)
 
 
@@ -306,6 +333,10 @@ def run(args: argparse.Namespace) -> int:
         return run_preset(args, device)
     conv = Convention(args.y_channel, args.uint8, args.border, args.multiple)
     try:
+        if args.summary is not None:
+            check_writable(args.summary, "--summary", folder=False)
+        if args.out is not None:
+            check_writable(args.out, "--out")
         if args.clean is not None:
             if not args.synth:
                 raise ValueError("--clean needs --synth (e.g. noise:25)")
@@ -316,20 +347,22 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError("--pairs needs --task (the task label of the set)")
             samples, task = load_pairs(*args.pairs, args.multiple, args.limit), args.task
         model = load_model(args.weights, device)
-        if args.instruct and task not in model.router.task_names:
-            raise ValueError(f"--instruct: task {task!r} unknown; this model knows {model.router.task_names}")
+        if (args.instruct or args.task) and task not in model.router.task_names:
+            raise ValueError(f"--task {task!r} unknown; this model knows {model.router.task_names}")
         check_tiling(model, args.tile, args.overlap)
         pick_denoiser(args.classical)
-        if args.summary is not None:
-            refuse_symlink(args.summary)
         name = args.name or args.synth or task
         out = ensure_dir(args.out or child("runs/eval", name.replace(" ", "_").replace(":", ""), "--name"))
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     source = f"{args.clean} + {args.synth} (seed {args.seed})" if args.clean else f"{args.pairs[0]} vs {args.pairs[1]}"
-    records, outputs = evaluate(model, samples, conv, task if args.instruct else None, args.tile, args.overlap, device,
-                                set_task=task, denoiser=args.classical, bf16=args.bf16)
+    try:
+        records, outputs = evaluate(model, samples, conv, task if args.instruct else None, args.tile, args.overlap,
+                                    device, set_task=task, denoiser=args.classical, bf16=args.bf16)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     table = markdown(f"{name}: {source}{' (instruction mode)' if args.instruct else ''}{' (experts in bf16)' if args.bf16 else ''}", conv, records,
                      model.tree.n_levels, task, args.classical)
     print(table)

@@ -126,12 +126,14 @@ def explain_line(name: str, info: dict) -> str:
             f"node composition: {comp} | top leaves: {top} | p(level): {levels}")
 
 
-def list_inputs(source: Path) -> list[Path]:
-    """The file itself, or the folder's regular non-hidden files in sorted order."""
+def list_inputs(source: Path) -> tuple[list[Path], list[Path]]:
+    """(the file itself, or the folder's regular non-hidden files in sorted order; the entries passed over)."""
+    from unirestorer.data_shards.imageio import input_files
+
     if source.is_file():
-        return [source]
+        return [source], []
     if source.is_dir():
-        return sorted(p for p in source.iterdir() if p.is_file() and not p.name.startswith("."))
+        return input_files(source)
     raise FileNotFoundError(f"--input {source}: no such file or folder")
 
 
@@ -139,10 +141,12 @@ def check_outputs(files: list[Path], source: Path, output: Path, overwrite: bool
     """Output paths; refuses (ValueError) any plan that would write over an input, through a symlink, or
     over an existing output (unless `overwrite`), before anything is written."""
     from unirestorer.image_io import output_name
+    from unirestorer.safe_files import check_writable, output_folder
 
     if output.is_symlink() or (output.exists() and not output.is_dir()):
         raise ValueError(f"--output {output} must be a folder, not a symbolic link or a file")
-    out = output.resolve()
+    check_writable(output, "--output")
+    out = output_folder(output)
     if source.is_dir() and out == source.resolve():
         raise ValueError(f"--output {output} is the input folder: restored files would overwrite the inputs")
     dests = [out / output_name(f) for f in files]
@@ -163,22 +167,28 @@ def check_outputs(files: list[Path], source: Path, output: Path, overwrite: bool
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from unirestorer.arguments import COUNT, NON_NEGATIVE
+
     p = subparsers.add_parser("restore", help="restore image files with a weights bundle")
     p.add_argument("--weights", required=True, metavar="BUNDLE", help="bundle folder (bundle.json + weights)")
     p.add_argument("--input", required=True, type=Path, metavar="FILE|DIR")
     p.add_argument("--output", required=True, type=Path, metavar="DIR")
     p.add_argument("--task", default=None, help="instruction mode: restrict routing to this task's subtree")
-    p.add_argument("--tile", type=int, default=DEFAULT_TILE, help=f"tile size, 0 = whole image (default {DEFAULT_TILE})")
-    p.add_argument("--overlap", type=int, default=DEFAULT_OVERLAP, help=f"tile overlap (default {DEFAULT_OVERLAP})")
-    p.add_argument("--tile-batch", type=int, default=4, help="tiles per expert call (default 4)")
+    p.add_argument("--tile", type=NON_NEGATIVE, default=DEFAULT_TILE, help=f"tile size, 0 = whole image (default {DEFAULT_TILE})")
+    p.add_argument("--overlap", type=NON_NEGATIVE, default=DEFAULT_OVERLAP, help=f"tile overlap (default {DEFAULT_OVERLAP})")
+    p.add_argument("--tile-batch", type=COUNT, default=4, help="tiles per expert call (default 4)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     p.add_argument("--bf16", action="store_true", help="experts under bf16 autocast (routing stays fp32)")
     p.add_argument("--explain", action="store_true", help="print each image's level, node and probabilities")
-    p.add_argument("--max-pixels", type=int, default=None,
+    p.add_argument("--max-pixels", type=COUNT, default=None,
                    help="refuse larger images, from the header before decoding (default 50M; may exceed Pillow's cap)")
     p.add_argument("--overwrite", action="store_true", help="replace outputs that already exist")
+    p.add_argument("--force", action="store_true",
+                   help="write outputs that lose what their format cannot hold (16 bits or alpha in JPEG, a profile "
+                        "in a 16-bit TIFF, animation frames after the first), with a warning (default: skip them)")
     p.add_argument("--allow-skipped", action="store_true",
-                   help="exit 0 even if some images could not be read (default: exit 1 and name the count)")
+                   help="exit 0 even if some input images were not restored: unreadable, too large, refused as lossy "
+                        "or failed to write (default: exit 1 and name the count; hidden files are only counted)")
     p.set_defaults(func=run)
 
 
@@ -194,15 +204,16 @@ def run(args: argparse.Namespace) -> int:
     from accelerate.utils import gather_object
     from tqdm import tqdm
 
-    from unirestorer.data_shards.imageio import DEFAULT_MAX_PIXELS, ImageReadError
-    from unirestorer.image_io import load_picture, save_picture
+    from unirestorer.data_shards.imageio import DEFAULT_MAX_PIXELS, ImageReadError, passed_over_note
+    from unirestorer.image_io import ImageWriteError, load_picture, losses, save_picture
+    from unirestorer.safe_files import ensure_dir
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
     state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
     try:
-        files = list_inputs(args.input)
+        files, passed = list_inputs(args.input)
         dests = check_outputs(files, args.input, args.output, args.overwrite)
         if not files:
             raise ValueError(f"--input {args.input}: the folder has no files")
@@ -213,17 +224,26 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    args.output.mkdir(parents=True, exist_ok=True)
+    if passed and state.is_main_process:
+        print(passed_over_note(args.input, passed), file=sys.stderr)
+    ensure_dir(dests[0].parent)
     restored = 0
     # a write refused here (a symlink planted after the check) is an error for that image, never a follow
     with state.split_between_processes(list(zip(files, dests))) as mine:
         for src, dest in tqdm(mine, desc="restore", unit="img", disable=not state.is_local_main_process):
             try:
                 pic = load_picture(src, args.max_pixels or DEFAULT_MAX_PIXELS)
+                if lost := losses(pic, dest):
+                    if not args.force:
+                        raise ImageReadError(f"{src}: writing {dest.name} would lose {'; '.join(lost)}; pass --force "
+                                             f"to accept that")
+                    tqdm.write(f"warning: {dest.name}: lost {'; '.join(lost)} (--force)", file=sys.stderr)
+                for note in pic.notes:
+                    tqdm.write(f"note: {src.name}: {note}", file=sys.stderr)
                 x = torch.from_numpy(pic.rgb).permute(2, 0, 1)[None].to(state.device)
                 y, info = restore_tensor(model, x, args.task, args.tile, args.overlap, args.tile_batch, args.bf16)
                 save_picture(dest, y[0].permute(1, 2, 0).float().cpu().numpy(), pic)
-            except (ImageReadError, OSError) as err:
+            except (ImageReadError, ImageWriteError, OSError) as err:
                 tqdm.write(f"skipped: {err}", file=sys.stderr)
                 continue
             restored += 1
