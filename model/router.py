@@ -97,6 +97,9 @@ def cv_squared(importance: Tensor) -> Tensor:
     return importance.var() / (importance.mean().pow(2) + 1e-10)
 
 
+LEVEL_PSNR_CAP = 50.0  # dB; matches the experts' PSNR loss floor (train/stage_experts.py)
+
+
 def image_psnr(out: Tensor, gt: Tensor) -> Tensor:
     """PSNR in dB of each image [..., 3, H, W] in [0, 1] (MSE floored at 1e-10: 100 dB at most)."""
     return -10 * torch.log10((out - gt).pow(2).flatten(-3).mean(-1).clamp_min(1e-10))
@@ -106,6 +109,7 @@ def best_level(psnr: Tensor, margin_db: float = 0.0) -> Tensor:
     """Target level per image from the frozen path experts' PSNR [B, n_levels]: the coarsest level within
     `margin_db` of the best. A fine expert must earn its place: where it gains less than the margin over
     a coarser one, the coarser one is the target, as it is the safer choice when recognition is wrong."""
+    psnr = psnr.clamp_max(LEVEL_PSNR_CAP)  # above it every output is as good as the input: the coarsest wins
     return (psnr >= psnr.max(1, keepdim=True).values - margin_db).long().argmax(1)
 
 

@@ -51,6 +51,8 @@ from unirestorer.train.stage_state import tree_from_state, tree_to_state
 from unirestorer.train.tree_stage import (TreeModule, all_sum, check_placement, expert_lora, expert_spec, load_init,
                                           node_factory, stream_config, validate_psnr)
 
+PSNR_LOSS_FLOOR = 1e-5  # MSE added inside the PSNR loss: 50 dB is as good as it gets
+
 
 def to_channels_last(module: torch.nn.Module, args: tuple) -> tuple:
     """Forward pre-hook: the images in channels_last, so the convolutions run in it (TreeMoE's row gathers
@@ -248,7 +250,9 @@ class ExpertsStage:
         out = self.engine(lq.to(param.dtype), nodes).float()  # [B, k, 3, H, W]
         diff = out - gt[:, None].float()
         if self.cfg.train.loss == "psnr":
-            per = 10 * torch.log10(diff.pow(2).flatten(2).mean(2) + 1e-8)  # [B, k]; minimising = max PSNR
+            # [B, k]; minimising = max PSNR. The floor (50 dB) bounds what one image can earn: without it a clean
+            # image's PSNR grows without limit as the output nears the input, and the root learned identity for all
+            per = 10 * torch.log10(diff.pow(2).flatten(2).mean(2) + PSNR_LOSS_FLOOR)
         else:
             per = diff.abs().flatten(2).mean(2)
         loss = per.mean()
