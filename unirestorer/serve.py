@@ -14,6 +14,7 @@ that is deleted on exit. `/restore` (image, mode) -> (restored image, explanatio
 import argparse
 import json
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -206,6 +207,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
         app = build_app(model, Path(tmp), args.tile, args.overlap, args.max_pixels)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # leave through `with`: the folder is deleted
         app.queue().launch(server_name=args.host, server_port=args.port, share=False, max_file_size=MAX_UPLOAD,
                            show_error=True, allowed_paths=[tmp])
     return 0
