@@ -9,10 +9,19 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+
+
+def wait(ready, timeout: float = 300) -> None:
+    end = time.time() + timeout
+    while not ready():
+        if time.time() > end:
+            raise TimeoutError("the page did not get there in time")
+        time.sleep(0.5)
 
 
 def main() -> int:
@@ -37,15 +46,12 @@ def main() -> int:
             except OSError:
                 time.sleep(0.5)
         driver.get(url)
-        time.sleep(3)
+        wait(lambda: driver.find_elements(By.CSS_SELECTOR, "#upload input[type=file]"))
         driver.find_element(By.CSS_SELECTOR, "#upload input[type=file]").send_keys(args.image)
-        time.sleep(3)
+        wait(lambda: Path(args.image).name in driver.find_element(By.CSS_SELECTOR, "#upload").text)
         driver.find_element(By.CSS_SELECTOR, "#run").click()
-        for _ in range(480):
-            if driver.find_elements(By.CSS_SELECTOR, "#path-outputs img"):
-                break
-            time.sleep(0.5)
-        time.sleep(3)
+        wait(lambda: driver.find_elements(By.CSS_SELECTOR, "#path-outputs img"))
+        time.sleep(3)  # the slider's images finish loading
         driver.save_screenshot(args.out)
     finally:
         driver.quit()

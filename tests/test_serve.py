@@ -1,6 +1,7 @@
 """`unirestorer serve` in a real headless Chromium (Selenium) and through gradio_client: the download is the
 file `unirestorer restore` writes, byte for byte; picking the root on the path shows the root's output."""
 
+import json
 import os
 import shutil
 import socket
@@ -68,8 +69,9 @@ def restored(bundle: str, photo: Path, out: Path, *extra: str) -> bytes:
     return (out / photo.name).read_bytes()
 
 
-@pytest.fixture
-def browser(tmp_path):
+@pytest.fixture(scope="module")
+def page(server, photo, tmp_path_factory):
+    """Headless Chromium on the app, the photo uploaded and restored (once: the page is slow to load on 2 cores)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -77,12 +79,16 @@ def browser(tmp_path):
     opts.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1600"):
         opts.add_argument(arg)
-    opts.add_experimental_option("prefs", {"download.default_directory": str(tmp_path / "downloads"),
+    downloads = tmp_path_factory.mktemp("downloads")
+    opts.add_experimental_option("prefs", {"download.default_directory": str(downloads),
                                            "download.prompt_for_download": False})
     driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
-    driver.downloads = tmp_path / "downloads"
-    yield driver
-    driver.quit()
+    driver.downloads = downloads
+    try:
+        upload_and_restore(driver, server, photo)
+        yield driver
+    finally:
+        driver.quit()
 
 
 def wait_for(fn, timeout: float = 240):
@@ -118,21 +124,24 @@ def upload_and_restore(driver, url: str, photo: Path) -> None:
 
 
 @needs_browser
-def test_browser_download_is_restores_png(server, browser, photo, tiny_bundle, tmp_path):
-    upload_and_restore(browser, server, photo)
-    assert download(browser) == restored(tiny_bundle, photo, tmp_path / "cli")
+def test_browser_download_is_restores_png(page, photo, tiny_bundle, tmp_path):
+    assert download(page) == restored(tiny_bundle, photo, tmp_path / "cli")
 
 
 @needs_browser
-def test_browser_picking_the_root_shows_its_output(server, browser, photo, tiny_bundle, tmp_path):
+def test_browser_picking_the_root_shows_its_output(page, photo, tiny_bundle, tmp_path):
     from selenium.webdriver.common.by import By
 
-    upload_and_restore(browser, server, photo)
-    routed = download(browser)
-    browser.find_elements(By.CSS_SELECTOR, "#path-outputs img")[0].click()  # the path starts at the root
-    wait_for(lambda: "Restored by node 0" in browser.find_element(By.CSS_SELECTOR, "#why").text)
-    root = download(browser)
+    routed = restored(tiny_bundle, photo, tmp_path / "routed", "--explain", "--json")
+    path = json.loads((tmp_path / "routed" / "p.png.json").read_text())["path"]
+    page.find_elements(By.CSS_SELECTOR, "#path-outputs img")[0].click()  # the path starts at the root
+    wait_for(lambda: "Restored by node 0" in page.find_element(By.CSS_SELECTOR, "#why").text)
+    root = download(page)
     assert root == restored(tiny_bundle, photo, tmp_path / "root", "--level", "0") and root != routed
+    ran = json.loads((tmp_path / "routed" / "p.png.json").read_text())["ran"]
+    page.find_elements(By.CSS_SELECTOR, "#path-outputs img")[path.index(ran)].click()  # and back
+    wait_for(lambda: f"Restored by node {ran}" in page.find_element(By.CSS_SELECTOR, "#why").text)
+    assert download(page) == routed
 
 
 def test_api_restore_through_gradio_client(server, photo, tiny_bundle, tmp_path):
@@ -141,6 +150,4 @@ def test_api_restore_through_gradio_client(server, photo, tiny_bundle, tmp_path)
     image, record = Client(server, verbose=False).predict(handle_file(str(photo)), "auto", api_name="/restore")
     assert Path(image).read_bytes() == restored(tiny_bundle, photo, tmp_path / "cli", "--explain", "--json")
     cli_record = (tmp_path / "cli" / "p.png.json").read_text()
-    import json
-
     assert record == {k: v for k, v in json.loads(cli_record).items() if k != "output"}
