@@ -20,7 +20,7 @@ def wait(ready, timeout: float = 300) -> None:
     end = time.time() + timeout
     while not ready():
         if time.time() > end:
-            raise TimeoutError("the page did not get there in time")
+            raise TimeoutError(f"the page did not get there in time: {ready.__doc__}")
         time.sleep(0.5)
 
 

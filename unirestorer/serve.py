@@ -50,7 +50,8 @@ def tree_svg(model, path: list[int], ran: int) -> str:
                      f'<text x="{x:.0f}" y="{y + 4}" font-size="10" text-anchor="middle">{n}</text>'
                      f'<text x="{x:.0f}" y="{y + 25}" font-size="9" text-anchor="middle">{label}</text></g>')
     height = 22 + (tree.n_levels - 1) * row + 34
-    return f'<svg id="tree" width="{w}" height="{height}" xmlns="http://www.w3.org/2000/svg">{"".join(parts)}</svg>'
+    return (f'<svg id="tree" viewBox="0 0 {w} {height}" width="100%" xmlns="http://www.w3.org/2000/svg">'
+            f'{"".join(parts)}</svg>')
 
 
 def why_markdown(exp: dict) -> str:
