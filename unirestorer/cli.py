@@ -11,7 +11,7 @@ import sys
 
 from unirestorer import __version__
 from unirestorer import demo
-from unirestorer import evaluate
+from unirestorer import eval_presets
 from unirestorer import restore
 from unirestorer import serve
 from unirestorer.data_shards import cli as shards_cli
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_parser(sub)
     restore.add_parser(sub)
     serve.add_parser(sub)
-    evaluate.add_parser(sub)
+    eval_presets.add_parser(sub)
     export.add_parser(sub)
     return parser
 
