@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	# deepspeed is an sdist whose setup imports torch: build it against the torch above.
-	$(PY) -m pip install -q --no-build-isolation -e '.[test]'
+	$(PY) -m pip install -q --no-build-isolation -e '.[test,app]'
 	touch $(STAMP)
 
 demo: $(STAMP)

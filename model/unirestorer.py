@@ -155,11 +155,13 @@ class UniRestorer(nn.Module):
         return self.describe(self.route(x, task), 0)
 
     def describe(self, route: Route, i: int, top: int = 3) -> dict:
-        """Human-readable route of image i: level, node, its task composition, top probabilities."""
+        """Human-readable route of image i: level, node, root→leaf path, the node's task composition, top
+        probabilities (restore's --level runs another node of `path`, --explain prints all of it)."""
         node, leaf0 = int(route.node[i]), self.tree.level_starts[-1]
         p, leaves = route.p_leaf[i].topk(min(top, route.p_leaf.shape[1]))
         out = {
             "level": int(route.level[i]), "node": node, "leaf": leaf0 + int(route.leaf[i]),
+            "path": [int(n) for n in self.router.leaf_paths[int(route.leaf[i])]],
             "composition": self.tree.composition(node),
             "top_leaves": {leaf0 + int(k): float(v) for k, v in zip(leaves, p)},
             "p_level": [float(v) for v in route.p_level[i]],

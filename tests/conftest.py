@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-TINY_EXPERT = {"name": "nafnet", "preset": "tiny"}
+TINY_EXPERT = {"name": "nafnet", "preset": "tiny", "stat_window": 32}
 TINY_EXTRACTOR = dict(backbone="test_resnet", embed_dim=16, proj_dim=8, crop=16, max_crops=2)
 
 

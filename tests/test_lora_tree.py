@@ -90,7 +90,7 @@ def test_lora_tree_trains_through_the_experts_stage(pipeline):
     ckpts = {s: by_node(root / "ckpt" / "experts_a" / f"step_{s:08d}") for s in (2, 4, 5)}
     w, state = ckpts[5]
     assert json.loads(state["expert_lora"]) == LORA
-    assert json.loads(state["expert_spec"]) == {"name": "nafnet", "preset": "tiny"}  # plain create_expert kwargs
+    assert json.loads(state["expert_spec"]) == {"name": "nafnet", "preset": "tiny", "stat_window": 32}  # create_expert kwargs
     seen, parents = state["images_seen"], json.loads(state["tree_meta"])["parents"]
     # the root is a full expert, trained (steps 0, 1) and then unchanged; every other node's base is exactly it
     initial_root = node_factory(json.loads(state["expert_spec"]), 0, LORA)(0).state_dict()

@@ -54,7 +54,7 @@ def test_paper_expert_is_the_papers_restormer():
 
     spec = expert_spec(load_config(CONFIGS / "paper-3task" / "experts.toml"))
     n = sum(p.numel() for p in create_expert(**spec).parameters())
-    assert spec == {"name": "restormer", "preset": "paper"} and n == pytest.approx(26.1e6, rel=0.01)
+    assert spec == {"name": "restormer", "preset": "paper", "stat_window": 128} and n == pytest.approx(26.1e6, rel=0.01)
 
 
 # (stage, world) -> (line, lr, max_steps, warmup_steps); the extractor's reference is 1 rank × 64

@@ -51,14 +51,16 @@ class TreeModule(nn.Module):
 
 
 def expert_spec(cfg: RunConfig) -> dict:
-    """create_expert kwargs of every node (stored in checkpoints and bundles)."""
-    m = cfg.model
+    """create_expert kwargs of every node (stored in checkpoints and bundles). `stat_window` is the training
+    patch: at test time the experts pool statistics over it (TLSC, model/local_stats.py), as they learned to;
+    on patches no larger than it they pool globally, so training is unchanged."""
+    m, window = cfg.model, {"stat_window": cfg.data.patch_size}
     if m.preset:
-        return {"name": m.arch, "preset": m.preset}
+        return {"name": m.arch, "preset": m.preset, **window}
     if m.arch != "restormer":
         raise ConfigError(f"model.preset is empty: set it for arch {m.arch!r} (tiny, small or paper)")
     return {"name": "restormer", "preset": "paper", "dim": m.dim, "blocks": list(m.num_blocks),
-            "heads": list(m.heads), "ffn_expansion": m.ffn_expansion}
+            "heads": list(m.heads), "ffn_expansion": m.ffn_expansion, **window}
 
 
 def expert_lora(cfg: RunConfig) -> dict | None:

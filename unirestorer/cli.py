@@ -12,8 +12,9 @@ import sys
 from unirestorer import __version__
 from unirestorer.arguments import OneLineParser
 from unirestorer import demo
-from unirestorer import evaluate
+from unirestorer import eval_presets
 from unirestorer import restore
+from unirestorer import serve
 from unirestorer.data_shards import cli as shards_cli
 from unirestorer.train import export
 
@@ -25,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     shards_cli.add_parser(sub)
     demo.add_parser(sub)
     restore.add_parser(sub)
-    evaluate.add_parser(sub)
+    serve.add_parser(sub)
+    eval_presets.add_parser(sub)
     export.add_parser(sub)
     return parser
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from unirestorer import evaluate as evaluation
 from unirestorer.evaluate import (Sample, evaluate, images_by_name, load_pairs, load_synthetic, markdown, read_pair,
                                   summarise, write_csv)
 from unirestorer.metrics import Convention, mean
@@ -129,6 +130,19 @@ def paper_table(preset: str, columns: list[str], results: dict[str, dict]) -> st
         avg = f"{mean(ps):.2f}/{mean(ss):.3f}" if ps else "—"
         lines.append(f"| {label} | {' | '.join(cells)} | {avg} |")
     return "\n".join(lines) + "\n"
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """`unirestorer eval`: evaluate's parser, --preset dispatched here, so data flows one way (evaluate never
+    imports this module)."""
+    evaluation.add_parser(subparsers).set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.preset:
+        return evaluation.run(args)
+    device = evaluation.pick_device(args)
+    return 2 if device is None else run_preset(args, device)
 
 
 def run_preset(args: argparse.Namespace, device) -> int:

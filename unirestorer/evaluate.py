@@ -283,7 +283,7 @@ def grid_png(rows: list[list[tuple[np.ndarray, str]]], height: int = 128) -> byt
     return png.tobytes()
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     from unirestorer.arguments import COUNT, NON_NEGATIVE
 
     p = subparsers.add_parser("eval", help="PSNR/SSIM of the model and its baselines on a test set")
@@ -315,22 +315,27 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--summary", type=Path, metavar="FILE", help="append one row to this markdown table")
     p.add_argument("--grid", type=NON_NEGATIVE, default=3, metavar="K", help="worst and best K images in grid.png")
     p.set_defaults(func=run)
+    return p
 
 
-def run(args: argparse.Namespace) -> int:
+def pick_device(args: argparse.Namespace):
+    """--device as a torch.device (default cuda when available); None, with the error printed, when absent."""
     import torch
-
-    from unirestorer.classical import pick_denoiser
-    from unirestorer.restore import check_tiling, load_model
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is available", file=sys.stderr)
-        return 2
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.preset:
-        from unirestorer.eval_presets import run_preset
+        return None
+    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
-        return run_preset(args, device)
+
+def run(args: argparse.Namespace) -> int:
+    """`eval` on pairs or synthetic degradations (`--preset` runs eval_presets.run instead: cli wires it)."""
+    from unirestorer.classical import pick_denoiser
+    from unirestorer.restore import check_tiling, load_model
+
+    device = pick_device(args)
+    if device is None:
+        return 2
     conv = Convention(args.y_channel, args.uint8, args.border, args.multiple)
     try:
         if args.summary is not None:

@@ -4,8 +4,12 @@ Routing is decided once per image, from the extractor's embedding of the whole i
 native-resolution crops, DESIGN §1.1); the chosen expert then runs tile by tile. Tiles overlap and
 are blended with smooth weights (a raised-cosine ramp across each overlap that has a neighbour,
 normalised by the summed weights), so no seams appear and a 4K photo fits a small GPU or a CPU.
-Experts with global operations (NAFNet's channel attention pools the whole input) see each tile on
-its own, so tiled output differs slightly from untiled; `--tile 0` runs the image whole.
+The experts' pooled statistics (NAFNet's channel attention, Restormer's transposed attention) are
+local at test time, over the training patch around each pixel (TLSC, model/local_stats.py), so a tile
+computes what the whole image computes away from its border; `--tile 0` runs the image whole.
+
+`--level L` runs the node at level L of the routed root→leaf path instead of the estimated level,
+`--node N` any node; `--explain` prints why (unirestorer/explain.py), `--json` writes it beside the output.
 
 Folders on several GPUs: `accelerate launch -m unirestorer.cli restore ...` splits the sorted file
 list between processes (each image once); output names are the input names, so order and mapping
@@ -15,6 +19,7 @@ are kept whatever process wrote them.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -104,10 +109,15 @@ def run_expert(model, node: int, x: Tensor, tile: int, overlap: int, batch: int 
 
 
 def restore_tensor(model, x: Tensor, task: str | None = None, tile: int = DEFAULT_TILE,
-                   overlap: int = DEFAULT_OVERLAP, batch: int = 4, bf16: bool = False) -> tuple[Tensor, dict]:
-    """x [1,3,H,W] in [0, 1] → (restored [1,3,H,W], the route as `UniRestorer.describe` gives it)."""
-    route = route_image(model, x, task)
-    return run_expert(model, int(route.node[0]), x, tile, overlap, batch, bf16), model.describe(route, 0)
+                   overlap: int = DEFAULT_OVERLAP, batch: int = 4, bf16: bool = False, level: int | None = None,
+                   node: int | None = None) -> tuple[Tensor, dict]:
+    """x [1,3,H,W] in [0, 1] → (restored [1,3,H,W], the route as `UniRestorer.describe` gives it plus the node
+    that ran and what the path's nodes hold); `level` / `node`: run that path level / node (explain.pick_node)."""
+    from unirestorer.explain import explanation, pick_node
+
+    info = model.describe(route_image(model, x, task), 0)
+    ran = pick_node(info, level, node)
+    return run_expert(model, ran, x, tile, overlap, batch, bf16), explanation(model, info, ran)
 
 
 def check_tiling(model, tile: int, overlap: int) -> None:
@@ -118,12 +128,26 @@ def check_tiling(model, tile: int, overlap: int) -> None:
                          f"and at least twice --overlap {overlap}")
 
 
-def explain_line(name: str, info: dict) -> str:
-    comp = ", ".join(f"{t} {n}" for t, n in info["composition"].items()) or "no labelled samples"
-    top = ", ".join(f"leaf {k} {p:.2f}" for k, p in info["top_leaves"].items())
-    levels = " ".join(f"{p:.2f}" for p in info["p_level"])
-    return (f"{name}: level {info['level']} node {info['node']} (estimated leaf {info['leaf']}) | "
-            f"node composition: {comp} | top leaves: {top} | p(level): {levels}")
+def parse_level(value: str) -> int | None:
+    """--level: 'auto' (None: the router's level) or a level number."""
+    if value == "auto":
+        return None
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"--level {value!r}: expected auto or a level number 0, 1, 2, ...")
+    return int(value)
+
+
+def check_choice(model, level: int | None, node: int | None) -> None:
+    """--level within the tree's levels, --node among its nodes (ValueError naming the range)."""
+    if level is not None and level >= model.tree.n_levels:
+        raise ValueError(f"--level {level}: this tree has levels 0..{model.tree.n_levels - 1}")
+    if node is not None and not 0 <= node < model.tree.n_nodes:
+        raise ValueError(f"--node {node}: this tree has nodes 0..{model.tree.n_nodes - 1}")
+
+
+def sidecar(dest: Path) -> Path:
+    """Where --json writes an output's explanation: beside it, its full name + .json."""
+    return dest.with_name(dest.name + ".json")
 
 
 def list_inputs(source: Path) -> tuple[list[Path], list[Path]]:
@@ -137,9 +161,10 @@ def list_inputs(source: Path) -> tuple[list[Path], list[Path]]:
     raise FileNotFoundError(f"--input {source}: no such file or folder")
 
 
-def check_outputs(files: list[Path], source: Path, output: Path, overwrite: bool = False) -> list[Path]:
-    """Output paths; refuses (ValueError) any plan that would write over an input, through a symlink, or
-    over an existing output (unless `overwrite`), before anything is written."""
+def check_outputs(files: list[Path], source: Path, output: Path, overwrite: bool = False,
+                  planned: list[Path] | None = None) -> list[Path]:
+    """Output paths (or the `planned` ones: --json's sidecars); refuses (ValueError) any plan that would write
+    over an input, through a symlink, or over an existing output (unless `overwrite`), before anything is written."""
     from unirestorer.image_io import output_name
     from unirestorer.safe_files import check_writable, output_folder
 
@@ -149,7 +174,7 @@ def check_outputs(files: list[Path], source: Path, output: Path, overwrite: bool
     out = output_folder(output)
     if source.is_dir() and out == source.resolve():
         raise ValueError(f"--output {output} is the input folder: restored files would overwrite the inputs")
-    dests = [out / output_name(f) for f in files]
+    dests = [out / output_name(f) for f in files] if planned is None else planned
     links = [d for d in dests if d.is_symlink()]
     if links:
         raise ValueError(f"{links[0]} is a symbolic link; refusing to write through it")
@@ -179,7 +204,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tile-batch", type=COUNT, default=4, help="tiles per expert call (default 4)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     p.add_argument("--bf16", action="store_true", help="experts under bf16 autocast (routing stays fp32)")
-    p.add_argument("--explain", action="store_true", help="print each image's level, node and probabilities")
+    choice = p.add_mutually_exclusive_group()
+    choice.add_argument("--level", type=parse_level, default=None, metavar="auto|0|1|2",
+                        help="run this level's node of the routed path (default auto: the estimated level)")
+    choice.add_argument("--node", type=int, default=None, metavar="N", help="run tree node N for every image")
+    p.add_argument("--explain", action="store_true",
+                   help="print each image's path, what its nodes hold, leaf and level probabilities, the node run")
+    p.add_argument("--json", action="store_true", help="with --explain: also write OUTPUT.json beside each output")
     p.add_argument("--max-pixels", type=COUNT, default=None,
                    help="refuse larger images, from the header before decoding (default 50M; may exceed Pillow's cap)")
     p.add_argument("--overwrite", action="store_true", help="replace outputs that already exist")
@@ -205,22 +236,28 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from unirestorer.data_shards.imageio import DEFAULT_MAX_PIXELS, ImageReadError, passed_over_note
+    from unirestorer.explain import explain_text
     from unirestorer.image_io import ImageWriteError, load_picture, losses, save_picture
-    from unirestorer.safe_files import ensure_dir
+    from unirestorer.safe_files import atomic_write, ensure_dir
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
     state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
     try:
+        if args.json and not args.explain:
+            raise ValueError("--json writes --explain's record: pass --explain too")
         files, passed = list_inputs(args.input)
         dests = check_outputs(files, args.input, args.output, args.overwrite)
+        if args.json:
+            check_outputs(files, args.input, args.output, args.overwrite, [sidecar(d) for d in dests])
         if not files:
             raise ValueError(f"--input {args.input}: the folder has no files")
         model = load_model(args.weights, state.device)
         if args.task is not None and args.task not in model.router.task_names:
             raise ValueError(f"--task {args.task!r} unknown; this model knows {model.router.task_names}")
         check_tiling(model, args.tile, args.overlap)
+        check_choice(model, args.level, args.node)
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -241,14 +278,17 @@ def run(args: argparse.Namespace) -> int:
                 for note in pic.notes:
                     tqdm.write(f"note: {src.name}: {note}", file=sys.stderr)
                 x = torch.from_numpy(pic.rgb).permute(2, 0, 1)[None].to(state.device)
-                y, info = restore_tensor(model, x, args.task, args.tile, args.overlap, args.tile_batch, args.bf16)
+                y, info = restore_tensor(model, x, args.task, args.tile, args.overlap, args.tile_batch, args.bf16,
+                                         args.level, args.node)
                 save_picture(dest, y[0].permute(1, 2, 0).float().cpu().numpy(), pic)
+                if args.json:
+                    atomic_write(sidecar(dest), json.dumps({"image": src.name, "output": dest.name, **info}, indent=1))
             except (ImageReadError, ImageWriteError, OSError) as err:
                 tqdm.write(f"skipped: {err}", file=sys.stderr)
                 continue
             restored += 1
             if args.explain:
-                tqdm.write(explain_line(src.name, info))
+                tqdm.write(explain_text(src.name, info))
     total = sum(gather_object([restored]))
     skipped = len(files) - total
     if state.is_main_process:
