@@ -17,7 +17,7 @@ Per set, one row: input, the classical floor (BM3D with σ estimated for noise i
 prior for haze images, the input itself where no classical method exists), root expert alone, leaf alone,
 the router's own level, routed (after the support check, what `restore` outputs), oracle (best node on the
 path), the harm rate (share of images where routed < input - 0.5 dB) and the routed-level histogram.
-Metrics: RGB, float, crop to a multiple of 16 (PromptIR convention), PSNR capped at 100 dB (the clean
+Metrics: RGB, float, crop to a multiple of 16 (PromptIR convention), PSNR capped at 50 dB (the clean
 set's input equals its ground truth). Side-by-side grids of each set's worst
 images by routed - input land in OUT/grids/.
 """
@@ -93,7 +93,7 @@ def markdown(rows: dict[str, dict], bundle: str) -> str:
     means = {c: float(np.mean([r[c] for r in rows.values()])) for c in COLUMNS}
     lines.append("| **mean** | | " + " | ".join(f"{means[c]:.2f}" for c in COLUMNS) + " | | | | |")
     lines += ["", f"Bundle {bundle}. PSNR (dB), RGB, float, crop to a multiple of 16. classical = BM3D (σ estimated) "
-              "on noise images, dark channel prior on haze images, the input elsewhere; PSNR capped at 100 dB; router = the router's own "
+              "on noise images, dark channel prior on haze images, the input elsewhere; PSNR capped at 50 dB; router = the router's own "
               "level, routed = after the support check (what `restore` writes); harm = share of images with "
               f"routed (or leaf) < input - {HARM_DB} dB."]
     return "\n".join(lines)

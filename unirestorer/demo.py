@@ -169,5 +169,6 @@ def run(args: argparse.Namespace) -> int:
           f"  restored/TASK  restored held-out images; heldout/ their inputs and clean crops\n"
           f"  eval/          summary.md, summary.json, results.md (PSNR and SSIM per method), per-image CSV, grids\n"
           f"  tensorboard/   training curves (tensorboard --logdir {out / 'tensorboard'})\n"
-          f"  logs/ configs/ checkpoints/  each stage's output, config and checkpoints")  # fmt: skip
+          f"  logs/ configs/ checkpoints/  each stage's output, config and checkpoints\n"
+          f"Try it in a browser: unirestorer serve --weights {bundle}   (then open http://127.0.0.1:7860)")  # fmt: skip
     return 0

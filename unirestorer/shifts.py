@@ -13,7 +13,8 @@ from typing import Callable
 import numpy as np
 
 HARM_DB = 0.5  # routed below input by more than this = harm
-MAX_PSNR = 100.0  # PSNR of identical images (clean input vs its ground truth) is infinite: capped here
+MAX_PSNR = 50.0  # dB: identical images (a clean input vs its ground truth) score infinity; past 50 dB (the experts
+# PSNR loss floor, LEVEL_PSNR_CAP) no difference is visible, so every PSNR is capped here and harm judged against it
 COLUMNS = ("input", "classical", "root", "leaf", "router", "routed", "oracle")
 FAMILY_ORDER = ("noise", "blur", "rain", "haze", "lowlight")
 UNSEEN_MIXES = ("haze+noise", "lowlight+rain", "haze+blur", "rain+noise")
