@@ -233,7 +233,7 @@ def test_read_checkpoint_experts_and_errors(tmp_path: Path) -> None:
     for e in (0, 3):
         torch.save({f"{prefix}.{e}.conv.weight": torch.full((2,), float(e))},
                    step / f"layer_1_expert_{e}_mp_rank_00_model_states.pt")
-    (step / ckpt.MARKER).write_text("{}")
+    (step / ckpt.MARKER).write_text(json.dumps({"step": 2, "world_size": 1}))
     (tmp_path / "ck" / "latest").write_text("step_00000002")
 
     ck = read_checkpoint(tmp_path / "ck")  # the root: follows `latest`
