@@ -58,19 +58,28 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+def mapped_files() -> set[str]:
+    """Every file some live process maps (Linux /proc)."""
+    from pathlib import Path
+
+    paths = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            paths.update(line.split(None, 5)[5].strip() for line in maps.read_text().splitlines() if line.count(" ") >= 5)
+        except (OSError, IndexError):  # the process ended, or is not ours to read
+            pass
+    return paths
+
+
 @pytest.fixture(autouse=True, scope="module")
 def release_deepspeed_shm():
-    """DeepSpeed's CPU all-reduce op leaves a 69 MB buffer per rank and master port in /dev/shm; a test
-    module's rank processes have all exited when it ends, so its buffers go then (a full run otherwise
-    fills the machine's memory)."""
+    """DeepSpeed's CPU all-reduce op leaves a 69 MB buffer per rank and master port in /dev/shm (a full run
+    otherwise fills the machine's memory). After each module, the buffers no live process maps go: the
+    modules run two at a time (pytest-xdist), so another module's ranks may still be using theirs."""
     from pathlib import Path
-    import time
 
-    start = time.time()
     yield
+    live = mapped_files()
     for f in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"):
-        try:
-            if f.stat().st_mtime >= start - 1:
-                f.unlink()
-        except FileNotFoundError:
-            pass
+        if str(f) not in live:
+            f.unlink(missing_ok=True)
