@@ -51,11 +51,13 @@ from unirestorer.train.stage_state import tree_from_state, tree_to_state
 from unirestorer.train.tree_stage import (TreeModule, all_sum, check_placement, expert_lora, expert_spec, load_init,
                                           node_factory, stream_config, validate_psnr)
 
-# MSE added inside the PSNR loss: 40 dB is as good as it gets. The loss's weight on an image is 1/(MSE + floor),
-# so a near-clean image outweighs a hazy one by up to 0.03/floor. At 1e-5 a 15 % share of clean crops made a haze
-# expert the identity (15.9 dB on haze val, 22.8 without the clean crops); at 1e-4 it dehazes (21.7). An expert
-# whose images are mostly clean (the root, the clean node) still learns to leave them alone (BENCHMARKS.md)
-PSNR_LOSS_FLOOR = 1e-4
+# MSE added inside the PSNR loss, root then every finer level: the best PSNR one image can earn (50 / 40 dB).
+# The loss's weight on an image is 1/(MSE + floor), so a near-clean image outweighs a hazy one by up to
+# 0.03/floor. The root, the fallback for what the tree does not know, keeps 50 dB: it learns to leave images
+# alone. At 50 dB a 15 % share of clean crops also made a haze expert the identity (15.9 dB on haze val vs
+# 22.8 without clean crops; 21.7 at 40 dB), so the finer experts, which restore what they were routed, earn
+# at most 40 dB (BENCHMARKS.md "Do no harm")
+PSNR_LOSS_FLOORS = (1e-5, 1e-4)
 
 
 def to_channels_last(module: torch.nn.Module, args: tuple) -> tuple:
@@ -256,7 +258,8 @@ class ExpertsStage:
         if self.cfg.train.loss == "psnr":
             # [B, k]; minimising = max PSNR. The floor bounds what one image can earn: without it a clean image's
             # PSNR grows without limit as the output nears the input, and it rules the whole batch
-            per = 10 * torch.log10(diff.pow(2).flatten(2).mean(2) + PSNR_LOSS_FLOOR)
+            floor = torch.tensor([PSNR_LOSS_FLOORS[min(level, 1)] for level in levels], device=diff.device)
+            per = 10 * torch.log10(diff.pow(2).flatten(2).mean(2) + floor)
         else:
             per = diff.abs().flatten(2).mean(2)
         loss = per.mean()
