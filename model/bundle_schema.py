@@ -42,7 +42,9 @@ REQUIRED = ("format", "extractor", "router", "experts", "tree")
 FREE_FORM = ("source", "training_config")  # provenance written by export; never passed to a constructor
 EXTRACTOR_EXTRAS = {"families": list[str]}  # optional keys the extractor config may carry beyond its kwargs
 TREE_KEYS = {"level_sizes": list[int], "parents": list[int], "counts": list[int], "task_names": list[str],
-             "task_counts": list[list[int]], "radii": list[float]}  # radii: optional (trees before them)
+             "task_counts": list[list[int]], "radii": list[float],
+             "intensity_ranges": list[list[tuple[float, float] | None]]}  # [node][task]: [min, max] or null
+TREE_OPTIONAL = ("radii", "intensity_ranges")  # trees written before them have neither
 LORA_KEYS = {"rank": int, "alpha": float, "base": int}
 MAX_INT = 1 << 16  # a width or size beyond this is not a model this project builds
 MAX_COUNT = 64  # blocks, heads, crops per entry
@@ -160,7 +162,7 @@ def check_config(config: Any, source: str, build_extractor: Callable[..., Any] |
         check_backbone(config["extractor"]["backbone"], f"{source}: extractor.backbone")
     check_kwargs(config["router"], Router, f"{source}: router")
     tree = config["tree"]
-    check_fields(tree, TREE_KEYS, [k for k in TREE_KEYS if k != "radii"], f"{source}: tree")
+    check_fields(tree, TREE_KEYS, [k for k in TREE_KEYS if k not in TREE_OPTIONAL], f"{source}: tree")
     n_nodes = sum(tree["level_sizes"])
     if n_nodes > MAX_NODES or n_nodes != len(tree["parents"]):
         raise BundleError(f"{source}: tree.level_sizes sum to {n_nodes} nodes; expected one parent each "

@@ -189,11 +189,13 @@ def _split_total(total: int, counts: list[int], level: int) -> list[int]:
 
 
 class DegradationTree:
-    """Centroids, parent links, counts and task composition of every node; maps embeddings to paths."""
+    """Centroids, parent links, counts, task composition and intensity ranges of every node; maps embeddings
+    to paths."""
 
     def __init__(
         self, centroids: Tensor, parents: Sequence[int], level_sizes: Sequence[int],
         counts: Sequence[int], task_names: Sequence[str], task_counts: Tensor, radii: Sequence[float] | None = None,
+        intensity_ranges: Tensor | None = None,
     ) -> None:
         n = sum(level_sizes)
         if radii is not None and (len(radii) != n or not all(math.isfinite(r) and r > 0 for r in radii)):
@@ -203,6 +205,8 @@ class DegradationTree:
                              f"{len(counts)} counts, {centroids.shape[0]} centroids")
         if task_counts.shape != (n, len(task_names)):
             raise ValueError(f"task_counts shape {tuple(task_counts.shape)} != ({n}, {len(task_names)})")
+        if intensity_ranges is not None and intensity_ranges.shape != (n, len(task_names), 2):
+            raise ValueError(f"intensity_ranges shape {tuple(intensity_ranges.shape)} != ({n}, {len(task_names)}, 2)")
         self.centroids = centroids.float()
         self.parents = torch.tensor(list(parents), dtype=torch.long)
         self.level_sizes = [int(s) for s in level_sizes]
@@ -212,16 +216,21 @@ class DegradationTree:
         self.level_starts = [sum(self.level_sizes[:l]) for l in range(len(self.level_sizes))]
         # each node's support: the SUPPORT_QUANTILE of its training embeddings' distances to its centroid
         self.radii = None if radii is None else torch.tensor([float(r) for r in radii])
+        # [n, tasks, 2] min and max label intensity of each node's training samples per task, NaN where none
+        # is known; None for trees fitted without intensities (and those saved before them)
+        self.intensity_ranges = None if intensity_ranges is None else intensity_ranges.double()
 
     # ---- building -------------------------------------------------------------------------
     @classmethod
     def fit(
         cls, embeddings: Tensor, k: KSpec = (1, None, None), *, tasks: Sequence[str] | None = None,
         auto: AutoK = AutoK(), seed: int = 0, restarts: int = 4, level1_from_tasks: bool = False,
+        intensities: Sequence[float | None] | None = None,
     ) -> "DegradationTree":
         """Recursive k-means: every node at level l-1 is split into its children at level l.
 
-        `tasks` (one name per embedding, e.g. the shard's task) fills the task composition. With
+        `tasks` (one name per embedding, e.g. the shard's task) fills the task composition, `intensities`
+        (the labels' degrees, None where unknown) each node's intensity range per task. With
         `level1_from_tasks` and level 1 asking for one node per task, level 1's k-means starts from the
         per-task mean embeddings instead of k-means++ (Lloyd's iterations then move them as usual): so the
         level-1 nodes start as degradation types, not as one type split by intensity beside two merged.
@@ -270,16 +279,22 @@ class DegradationTree:
         task_names = sorted(set(tasks)) if tasks is not None else []
         tree = cls(torch.cat(centroids).cpu(), parents, sizes, [0] * sum(sizes), task_names,
                    torch.zeros(sum(sizes), len(task_names), dtype=torch.long))
-        tree.update_counts(x, tasks)
+        tree.update_counts(x, tasks, intensities)
         tree.radii = tree.support_radii(x)
         return tree
 
-    def update_counts(self, embeddings: Tensor, tasks: Sequence[str] | None = None) -> None:
-        """Recount samples (and their tasks) per node by routing them with `path`, as restore does."""
+    def update_counts(self, embeddings: Tensor, tasks: Sequence[str] | None = None,
+                      intensities: Sequence[float | None] | None = None) -> None:
+        """Recount samples (and their tasks) per node by routing them with `path`, as restore does; with
+        `intensities`, also each node's per-task intensity range (what `restore --explain` shows)."""
         paths = self.path(embeddings).cpu()
         n = len(self.parents)
         self.counts = torch.bincount(paths.flatten(), minlength=n)
         self.task_counts = torch.zeros(n, len(self.task_names), dtype=torch.long)
+        self.intensity_ranges = None
+        if intensities is not None and (tasks is None or len(intensities) != len(paths)):
+            raise ValueError(f"{len(intensities)} intensities for {len(paths)} embeddings"
+                             f"{'' if tasks is not None else ' and no task labels to group them by'}")
         if tasks is not None:
             if len(tasks) != len(paths):
                 raise ValueError(f"{len(tasks)} task labels for {len(paths)} embeddings")
@@ -290,6 +305,13 @@ class DegradationTree:
             t = torch.tensor([index[s] for s in tasks], dtype=torch.long)
             flat = paths * len(self.task_names) + t[:, None]
             self.task_counts = torch.bincount(flat.flatten(), minlength=n * len(self.task_names)).view(n, -1)
+            if intensities is not None:
+                v = torch.tensor([math.nan if i is None else float(i) for i in intensities], dtype=torch.float64)
+                known = v.isfinite()
+                where, v = flat[known].flatten(), v[known].repeat_interleave(self.n_levels)
+                empty = torch.full((n * len(self.task_names),), math.nan, dtype=torch.float64)
+                self.intensity_ranges = torch.stack([empty.scatter_reduce(0, where, v, how, include_self=False)
+                                                     for how in ("amin", "amax")], 1).view(n, len(self.task_names), 2)
 
     def distances(self, embeddings: Tensor, paths: Tensor) -> Tensor:
         """[B, n_levels] Euclidean distance of each embedding to the centroid of each node on its path (fp32)."""
@@ -364,6 +386,14 @@ class DegradationTree:
         self._check_node(node_id)
         return {t: int(c) for t, c in zip(self.task_names, self.task_counts[node_id]) if c > 0}
 
+    def intensity_range(self, node_id: int, task: str) -> tuple[float, float] | None:
+        """(min, max) intensity of the node's training samples of `task`; None where none is known."""
+        self._check_node(node_id)
+        if self.intensity_ranges is None or task not in self.task_names:
+            return None
+        lo, hi = self.intensity_ranges[node_id, self.task_names.index(task)].tolist()
+        return None if math.isnan(lo) else (lo, hi)
+
     def _check_node(self, node_id: int) -> None:
         if not 0 <= node_id < self.n_nodes:
             raise ValueError(f"node id {node_id} out of range 0..{self.n_nodes - 1}")
@@ -409,6 +439,9 @@ class DegradationTree:
                 "task_names": self.task_names, "task_counts": self.task_counts.tolist()}
         if self.radii is not None:
             meta["radii"] = [float(r) for r in self.radii]  # float32 → JSON → float32 is exact
+        if self.intensity_ranges is not None:  # [node][task]: [min, max], null where no intensity is known
+            meta["intensity_ranges"] = [[None if math.isnan(lo) else [lo, hi] for lo, hi in node]
+                                        for node in self.intensity_ranges.tolist()]
         return meta, {"centroids": self.centroids.contiguous()}
 
     @classmethod
@@ -416,9 +449,13 @@ class DegradationTree:
         try:
             names = meta["task_names"]
             tc = torch.tensor(meta["task_counts"], dtype=torch.long).view(len(meta["parents"]), len(names))
+            ranges = meta.get("intensity_ranges")  # optional: trees before it have none
+            if ranges is not None:
+                ranges = torch.tensor([[[math.nan] * 2 if r is None else r for r in node] for node in ranges],
+                                      dtype=torch.float64).view(len(meta["parents"]), len(names), 2)
             return cls(tensors["centroids"], meta["parents"], meta["level_sizes"], meta["counts"], names, tc,
-                       meta.get("radii"))
-        except (KeyError, ValueError, RuntimeError) as err:
+                       meta.get("radii"), ranges)
+        except (KeyError, ValueError, RuntimeError, TypeError) as err:
             raise ValueError(f"{source}: not a valid degradation tree ({type(err).__name__}: {err})") from err
 
     def save(self, directory: str | Path) -> None:

@@ -10,8 +10,9 @@ TINY_EXTRACTOR = dict(backbone="test_resnet", embed_dim=16, proj_dim=8, crop=16,
 
 
 def build_tiny_unirestorer(seed: int = 0):
-    """Real extractor, tree [1, 2, 4] fitted on embeddings of random 'noise'/'dark' images, tiny NAFNet
-    experts perturbed away from identity (so they differ), router gates spread over leaves and levels."""
+    """Real extractor, tree [1, 2, 4] fitted on embeddings of random 'noise'/'dark' images (intensity known
+    for 'noise' only), tiny NAFNet experts perturbed away from identity (so they differ), router gates
+    spread over leaves and levels."""
     from unirestorer.model.experts import create_expert
     from unirestorer.model.extractor import DegradationExtractor
     from unirestorer.model.router import Router
@@ -23,7 +24,8 @@ def build_tiny_unirestorer(seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     base = torch.rand(12, 3, 24, 24, generator=g) * 0.6 + 0.2
     x = torch.cat([(base + torch.randn(base.shape, generator=g) * 0.2).clamp(0, 1), base * 0.2])
-    tree = DegradationTree.fit(extractor.embed(x), [1, 2, 4], tasks=["noise"] * 12 + ["dark"] * 12, seed=seed)
+    tree = DegradationTree.fit(extractor.embed(x), [1, 2, 4], tasks=["noise"] * 12 + ["dark"] * 12, seed=seed,
+                               intensities=[i / 20 for i in range(1, 13)] + [None] * 12)  # 'dark': unknown
     experts = {n: create_expert(**TINY_EXPERT) for n in range(tree.n_nodes)}
     with torch.no_grad():
         for expert in experts.values():

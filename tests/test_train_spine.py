@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import subprocess
+import tarfile
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import torch
 from skimage import data
 
 from unirestorer.data_shards.writer import write_synthetic
+from unirestorer.model.tree import DegradationTree
 from unirestorer.train import checkpoint as ckpt
 from unirestorer.train.weights import load_submodule, read_checkpoint
 
@@ -215,6 +217,23 @@ def test_cluster_stage_builds_tree_with_stats(reference: Path, shards, tmp_path:
         majority = sum(n["composition"][n["majority_task"]] for n in nodes if n["count"])
         assert stats["purity_per_level"][level] == pytest.approx(majority / 21, abs=1e-4)
     assert stats["level1_purity"] == stats["purity_per_level"][1] and stats["leaf_purity"] == stats["purity_per_level"][2]
+    # per node and task, the min and max label intensity of the samples routed there, gathered from both ranks
+    tree = DegradationTree.load(tree_dir)
+    labels = []
+    for shard in Path(shards["train"]).parent.glob("shard-*.tar"):
+        with tarfile.open(shard) as tar:
+            labels += [json.loads(tar.extractfile(m).read())["label"] for m in tar if m.name.endswith(".json")]
+    drawn = {t: {label["intensity"] for label in labels if label["task"] == t} for t in TASKS}
+    for node in range(tree.n_nodes):
+        children = (tree.parents == node).nonzero().flatten().tolist()
+        for task in tree.task_names:
+            span = tree.intensity_range(node, task)
+            assert (span is None) == (task not in tree.composition(node))  # synthetic labels: every degree known
+            if span and children:  # a node's samples are its children's
+                spans = [s for c in children if (s := tree.intensity_range(c, task))]
+                assert span == (min(s[0] for s in spans), max(s[1] for s in spans))
+            if span:  # the degrees of that task's samples in the shards, not another task's
+                assert span[0] <= span[1] and set(span) <= drawn[task]
 
 
 # ---------------------------------------------------------------- weights.py on hand-made DeepSpeed-layout files

@@ -1,5 +1,6 @@
 """Degradation tree: planted clusters, determinism, errors, persistence, path consistency."""
 
+import json
 import math
 
 import pytest
@@ -161,6 +162,56 @@ def test_save_load_round_trip(tmp_path):
     assert torch.equal(back.path(x), tree.path(x))
     assert back.composition(4) == tree.composition(4)
     (tmp_path / "tree.json").write_text('{"level_sizes": [1]}')
+    with pytest.raises(ValueError, match="not a valid degradation tree"):
+        DegradationTree.load(tmp_path)
+
+
+def test_intensity_ranges_by_hand():
+    # two level-1 nodes, {0, 1} and {10, 11}: task a known everywhere, b only on x=11 and without intensity
+    x = torch.tensor([[0.0], [1.0], [10.0], [11.0]])
+    tree = DegradationTree.fit(x, [1, 2], tasks=["a", "a", "a", "b"], intensities=[0.2, 0.5, 0.9, None])
+    low, high = tree.path(x)[[0, 2], 1].tolist()
+    assert tree.intensity_range(0, "a") == (0.2, 0.9) and tree.intensity_range(0, "b") is None  # b: unknown
+    assert tree.intensity_range(low, "a") == (0.2, 0.5) and tree.intensity_range(low, "b") is None  # b: none here
+    assert tree.intensity_range(high, "a") == (0.9, 0.9) and tree.intensity_range(high, "b") is None
+    assert tree.intensity_range(0, "c") is None and tree.intensity_ranges.shape == (3, 2, 2)
+    assert DegradationTree.fit(x, [1, 2], tasks=["a"] * 4).intensity_ranges is None  # fitted without them
+
+
+def test_intensity_ranges_match_every_routed_sample():
+    x, _, _, tasks = planted(subclusters=(2, 3, 2))
+    g = torch.Generator().manual_seed(5)
+    degrees = [None if i % 7 == 0 else round(float(v), 4) for i, v in enumerate(torch.rand(len(x), generator=g))]
+    tasks[:60], degrees[:60] = ["task3"] * 60, [None] * 60  # a task whose intensity is never known (real pairs)
+    tree = DegradationTree.fit(x, [1, 3, 7], tasks=tasks, intensities=degrees)
+    paths = tree.path(x).tolist()
+    for node in range(tree.n_nodes):
+        for task in tree.task_names:
+            held = [d for p, t, d in zip(paths, tasks, degrees) if node in p and t == task and d is not None]
+            assert tree.intensity_range(node, task) == ((min(held), max(held)) if held else None)
+    assert tree.intensity_range(0, "task3") is None and tree.composition(0)["task3"] == 60
+    with pytest.raises(ValueError, match="3 intensities for 420 embeddings"):
+        DegradationTree.fit(x, [1, 3], tasks=tasks, intensities=[0.1] * 3)
+    with pytest.raises(ValueError, match="no task labels to group them by"):
+        DegradationTree.fit(x, [1, 3], intensities=degrees)
+
+
+def test_intensity_ranges_saved_and_optional(tmp_path):
+    x = torch.tensor([[0.0], [1.0], [10.0], [11.0]])
+    tree = DegradationTree.fit(x, [1, 2], tasks=["a", "a", "a", "b"], intensities=[0.2, 0.5, 0.9, None])
+    tree.save(tmp_path)
+    meta = json.loads((tmp_path / "tree.json").read_text())
+    assert meta["intensity_ranges"][0] == [[0.2, 0.9], None]  # JSON null where nothing is known
+    back = DegradationTree.load(tmp_path)
+    assert torch.equal(back.intensity_ranges.isnan(), tree.intensity_ranges.isnan())
+    assert torch.equal(back.intensity_ranges.nan_to_num(-1), tree.intensity_ranges.nan_to_num(-1))
+    del meta["intensity_ranges"]  # a tree saved before them still loads, with no range known
+    (tmp_path / "tree.json").write_text(json.dumps(meta))
+    old = DegradationTree.load(tmp_path)
+    assert old.intensity_ranges is None and old.intensity_range(0, "a") is None
+    assert "intensity_ranges" not in old.to_state()[0] and old.composition(0) == tree.composition(0)
+    meta["intensity_ranges"] = [[[0.1, 0.2]]] * 3  # one task's range where the tree has two
+    (tmp_path / "tree.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="not a valid degradation tree"):
         DegradationTree.load(tmp_path)
 

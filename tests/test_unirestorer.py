@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from unirestorer.model.bundle_schema import BundleError
 from unirestorer.model.experts import create_expert
 from unirestorer.model.extractor import DegradationExtractor
 from unirestorer.model.lora import init_child_from_parent
@@ -44,7 +45,8 @@ def build(seed: int = 0, lora_leaf: bool = False) -> UniRestorer:
     extractor = PoolExtractor().eval()
     x, tasks = images(40, seed)
     with torch.no_grad():
-        tree = DegradationTree.fit(extractor.embed(x), [1, 2, 4], tasks=tasks, seed=seed)
+        tree = DegradationTree.fit(extractor.embed(x), [1, 2, 4], tasks=tasks, seed=seed,
+                                   intensities=[None] * 40 + [i / 40 for i in range(40)])  # dark: unknown
     experts = {n: create_expert(**SPEC) for n in range(tree.n_nodes)}
     for expert in experts.values():  # tiny NAFNet starts near identity; perturb so experts differ
         with torch.no_grad():
@@ -192,11 +194,22 @@ def test_bundle_round_trip_gives_identical_outputs(tmp_path):
     after, routes_back = back.restore(x)
     assert torch.allclose(after, before, atol=1e-6) and routes_back == routes
     assert torch.equal(back.tree.centroids, model.tree.centroids)
+    assert config["tree"]["intensity_ranges"][0] == [None, [0.0, 39 / 40]]  # [node][task]: dark unknown, noise
+    assert torch.equal(back.tree.intensity_ranges.nan_to_num(-1), model.tree.intensity_ranges.nan_to_num(-1))
     # the LoRA leaf came back as the root + its LoRA
     assert torch.equal(back.expert(3).state_dict()["intro.lora_B"], model.expert(3).state_dict()["intro.lora_B"])
     probe = x[:1]
     with torch.no_grad():
         assert torch.allclose(back.expert(3)(probe), model.expert(3)(probe), atol=1e-5)
+    config["tree"]["intensity_ranges"][1][1] = [0.5]  # a range is [min, max]
+    (tmp_path / "bundle.json").write_text(json.dumps(config))
+    with pytest.raises(BundleError, match=r"tree\.intensity_ranges: .* is not a valid"):
+        UniRestorer.load_bundle(tmp_path, build_extractor=PoolExtractor)
+    del config["tree"]["intensity_ranges"]  # a bundle from before them: loads, restores the same, no range known
+    (tmp_path / "bundle.json").write_text(json.dumps(config))
+    old = UniRestorer.load_bundle(tmp_path, build_extractor=PoolExtractor)
+    assert old.tree.intensity_ranges is None and old.tree.intensity_range(0, "noise") is None
+    assert torch.allclose(old.restore(x)[0], before, atol=1e-6)
 
 
 def test_bundle_errors(tmp_path):

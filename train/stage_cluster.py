@@ -2,8 +2,8 @@
 
 Not a training loop (nothing to resume; SIGUSR1/SIGTERM stop every rank at the same batch with exit 75 and
 no tree written, so a requeued job simply runs it again): each rank embeds its share of `tree.num_samples` samples of
-`data.train_shards` (native-resolution crops, `DegradationExtractor.embed`), the embeddings and task
-names are gathered, rank 0 fits `DegradationTree.fit(k=levels)` and writes `tree.path/` (tree.json,
+`data.train_shards` (native-resolution crops, `DegradationExtractor.embed`), the embeddings, task names
+and label intensities are gathered, rank 0 fits `DegradationTree.fit(k=levels)` and writes `tree.path/` (tree.json,
 tree.safetensors) plus `tree_stats.json`: nodes per level, counts, task composition, purity (share of a
 node's majority task) per node and per level. `tree.levels = []` sizes the tree from the data: level 1
 gets one node per task present (so it can be "degradation type"), level 2 two per level-1 node (type +
@@ -114,12 +114,14 @@ def _cluster(cfg: RunConfig, info: DistInfo, handler: PreemptionHandler) -> int:
     share = cfg.tree.num_samples // info.world_size + (info.rank < cfg.tree.num_samples % info.world_size)
     most = math.ceil(cfg.tree.num_samples / info.world_size)
     batch = max(1, min(32, most))  # the same batch count on every rank: the stop flag is all-reduced per batch
-    embs, tasks = [], []
+    embs, tasks, degrees = [], [], []  # degrees: each sample's label intensity, NaN where unknown (real pairs)
     for b in shard_stream(cfg, info, cfg.data.train_shards, batch, math.ceil(most / batch), 0, train=False):
         keep = min(batch, share - len(tasks))
         if keep > 0:
             embs.append(extractor.embed(b["lq"][:keep].to(info.device)).float().cpu())
             tasks += b["task"][:keep]
+            degrees += [math.nan if label.get("intensity") is None else float(label["intensity"])
+                        for label in b["label"][:keep]]
         if handler.should_stop():  # nothing is written: a rerun (a requeued job) embeds again from the start
             if info.rank == 0:
                 print(f"[preemption] {handler.received or 'signal on another rank'}: cluster stopped after "
@@ -129,11 +131,12 @@ def _cluster(cfg: RunConfig, info: DistInfo, handler: PreemptionHandler) -> int:
     local = torch.cat(embs) if embs else torch.zeros(0, extractor.config["embed_dim"])
     all_emb = torch.cat(_gather(local, info))
     all_tasks = _gather_strings(tasks, info)
+    all_degrees = torch.cat(_gather(torch.tensor(degrees, dtype=torch.float64, device=info.device), info)).tolist()
     if info.rank == 0:
         levels = tree_levels(cfg.tree.levels, all_tasks)
         # on rank 0's device: k-means runs in torch there (minutes on a CPU, seconds on a GPU) while the others wait
         tree = DegradationTree.fit(all_emb.to(info.device), k=levels, tasks=all_tasks, seed=cfg.train.seed,
-                                   level1_from_tasks=cfg.tree.level1_from_tasks)
+                                   level1_from_tasks=cfg.tree.level1_from_tasks, intensities=all_degrees)
         out = Path(cfg.tree.path)
         tree.save(out)
         stats = tree_stats(tree, str(cfg.train.init_ckpt))

@@ -22,12 +22,15 @@ def pick_node(info: dict, level: int | None = None, node: int | None = None) -> 
 
 
 def holds(model, node: int) -> dict[str, Any]:
-    """What tree node `node` was fitted on: its level, dominant task and share, and the full task counts."""
+    """What tree node `node` was fitted on: its level, dominant task and share, the full task counts, and
+    the intensity range [min, max] of its dominant task's samples (None: a tree without it, or unknown)."""
     comp = model.tree.composition(node)
     total = sum(comp.values())
     top = max(comp, key=comp.get) if comp else None
+    span = model.tree.intensity_range(node, top) if top else None
     return {"level": model.tree.level_of(node), "dominant": top,
-            "share": round(comp[top] / total, 3) if top else None, "composition": comp}
+            "share": round(comp[top] / total, 3) if top else None, "composition": comp,
+            "intensity": list(span) if span else None}
 
 
 def explanation(model, info: dict, ran: int) -> dict[str, Any]:
@@ -37,8 +40,12 @@ def explanation(model, info: dict, ran: int) -> dict[str, Any]:
 
 
 def node_label(n: int, h: dict) -> str:
-    """'2 rain 95%': node id, dominant task and its share of the node's training samples."""
-    return f"{n} {h['dominant']} {h['share']:.0%}" if h["dominant"] else f"{n} (no labelled samples)"
+    """'2 rain 95% (0.20-0.55)': node id, dominant task, its share of the node's training samples and their
+    intensity range (left out where unknown)."""
+    if not h["dominant"]:
+        return f"{n} (no labelled samples)"
+    span = h["intensity"]
+    return f"{n} {h['dominant']} {h['share']:.0%}" + (f" ({span[0]:.2f}-{span[1]:.2f})" if span else "")
 
 
 def explain_text(name: str, exp: dict) -> str:
