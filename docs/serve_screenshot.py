@@ -48,7 +48,8 @@ def main() -> int:
         driver.get(url)
         wait(lambda: driver.find_elements(By.CSS_SELECTOR, "#upload input[type=file]"))
         driver.find_element(By.CSS_SELECTOR, "#upload input[type=file]").send_keys(args.image)
-        wait(lambda: Path(args.image).name in driver.find_element(By.CSS_SELECTOR, "#upload").text)
+        # Gradio splits the file name into name and extension while the upload runs; its download link comes after
+        wait(lambda: driver.find_elements(By.CSS_SELECTOR, f'#upload a[download="{Path(args.image).name}"]'))
         driver.find_element(By.CSS_SELECTOR, "#run").click()
         wait(lambda: driver.find_elements(By.CSS_SELECTOR, "#path-outputs img"))
         time.sleep(3)  # the slider's images finish loading

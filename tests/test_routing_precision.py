@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from unirestorer.model.extractor import DegradationExtractor
-from unirestorer.model.tree import DegradationTree, sq_dists
+from unirestorer.model.kmeans import sq_dists
+from unirestorer.model.tree import DegradationTree
 
 
 @functools.cache

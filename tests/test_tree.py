@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from unirestorer.model.tree import AutoK, DegradationTree, _split_total, kmeans, silhouette
+from unirestorer.model.kmeans import AutoK, kmeans, silhouette
+from unirestorer.model.tree import DegradationTree, _split_total
 
 
 def adjusted_rand(a: torch.Tensor, b: torch.Tensor) -> float:
