@@ -194,6 +194,31 @@ class DegradationTree:
         inside[:, 0] = True
         return inside.long().cumprod(1).sum(1) - 1
 
+    def clean_leaves(self) -> Tensor:
+        """Global ids of the leaves whose majority task is "clean" (empty when no clean task was labelled)."""
+        if "clean" not in self.task_names:
+            return torch.zeros(0, dtype=torch.long)
+        leaves = self.leaf_ids
+        return leaves[self.dominant_task()[leaves] == self.task_names.index("clean")]
+
+    def clean_claim(self, embeddings: Tensor, paths: Tensor) -> tuple[Tensor, Tensor]:
+        """([B] deepest level allowed, [B] clean leaf holding the image or -1). An embedding inside the support
+        of a clean leaf may be a clean image: no node finer than that leaf's deepest common ancestor with the
+        routed path may restore it, since a fine expert of another family (a haze leaf on a bright photo)
+        rewrites it. Without radii or a clean leaf: the leaf level everywhere, no claimant."""
+        depth = torch.full((len(paths),), self.n_levels - 1, dtype=torch.long, device=paths.device)
+        claim = torch.full_like(depth, -1)
+        if self.radii is None:
+            return depth, claim
+        x = embeddings.detach().float()
+        for leaf in self.clean_leaves().tolist():
+            inside = (x - self.centroids[leaf].to(x.device)).pow(2).sum(1).sqrt() <= float(self.radii[leaf])
+            own = torch.tensor(self.ancestors(leaf) + [leaf], device=paths.device)
+            shared = (paths == own).long().cumprod(1).sum(1) - 1  # the deepest level both paths share
+            capped = inside & (shared < depth)
+            depth, claim = torch.where(capped, shared, depth), torch.where(capped, leaf, claim)
+        return depth, claim
+
     # ---- structure --------------------------------------------------------------------------
     @property
     def n_levels(self) -> int:

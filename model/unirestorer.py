@@ -46,14 +46,18 @@ def dispatch(x: Tensor, nodes: Tensor, experts: Mapping[int, Callable[[Tensor], 
 def fall_back(route: Route, embedding: Tensor, tree: DegradationTree, leaf_paths: Tensor,
               task_index: Tensor | None = None) -> Route:
     """`route` with each blind image's level capped at the deepest level whose path nodes all hold its
-    embedding (`tree.supported_depth`); images with a task (index >= 0) keep their level."""
+    embedding (`tree.supported_depth`) and, where a clean leaf's support holds it, at that leaf's common
+    ancestor with the path (`tree.clean_claim`); images with a task (index >= 0) keep their level."""
     if tree.radii is None:
         return route
     paths = leaf_paths[route.leaf]
-    depth = tree.supported_depth(embedding, paths)
+    clean_depth, clean_leaf = tree.clean_claim(embedding, paths)
+    depth = torch.minimum(tree.supported_depth(embedding, paths), clean_depth)
     if task_index is not None:
         depth = torch.where(task_index >= 0, tree.n_levels - 1, depth)
+        clean_leaf = torch.where(task_index >= 0, -1, clean_leaf)
     level = torch.minimum(route.level, depth)
+    route.clean_leaf = torch.where(level < route.level, clean_leaf, -1)
     route.router_level, route.level = route.level, level
     route.node = paths.gather(1, level[:, None]).squeeze(1)
     route.support = tree.distances(embedding, paths) / tree.radii.to(paths.device)[paths]
@@ -172,10 +176,14 @@ class UniRestorer(nn.Module):
             out["support"] = [round(float(v), 3) for v in route.support[i]]  # distance / radius, path order
         if route.router_level is not None and int(route.router_level[i]) > out["level"]:
             path = self.router.leaf_paths[int(route.leaf[i])].tolist()
-            outside = path[out["level"] + 1]
-            out["fallback"] = (f"router chose level {int(route.router_level[i])}; the image lies outside the training "
-                               f"support of node {outside} ({out['support'][out['level'] + 1]:.2f}x its radius), so "
-                               f"level {out['level']} (node {node}) restores it")
+            outside, clean = path[out["level"] + 1], int(route.clean_leaf[i]) if route.clean_leaf is not None else -1
+            if out["support"][out["level"] + 1] > 1.0 or clean < 0:
+                why = (f"the image lies outside the training support of node {outside} "
+                       f"({out['support'][out['level'] + 1]:.2f}x its radius)")
+            else:
+                why = f"the image lies inside the training support of clean node {clean} (it may be clean)"
+            out["fallback"] = (f"router chose level {int(route.router_level[i])}; {why}, so level {out['level']} "
+                               f"(node {node}) restores it")
         return out
 
     # ---- bundle ---------------------------------------------------------------------------------

@@ -223,3 +223,34 @@ def test_silhouette_matches_hand_computation():
     # point 0: a=1, b=11 → 10/11; point 1: a=1, b=10 → 0.9; point 2: a=2, b=9.5; point 3: a=2, b=11.5
     expected = (10 / 11 + 0.9 + 7.5 / 9.5 + 9.5 / 11.5) / 4
     assert silhouette(x, labels) == pytest.approx(expected, rel=1e-5)
+
+
+def hand_tree(task_names: list[str]) -> DegradationTree:
+    """root 0; level 1: nodes 1, 2; leaves 3, 4 under 1 and 5, 6 under 2. Leaf 4 is mostly clean (when "clean"
+    is a task), leaf 5 mostly haze; every radius 1."""
+    centroids = torch.tensor([[0.0, 0], [-5, 0], [5, 0], [-6, 1], [-4, -1], [4, 1], [6, -1]])
+    counts = torch.zeros(7, len(task_names), dtype=torch.long)
+    counts[[3, 4, 5, 6], 0] = torch.tensor([9, 1, 1, 9])  # task 0 dominates leaves 3 and 6
+    counts[[4, 5], 1] = torch.tensor([8, 2])  # task 1 ("clean" below) dominates leaf 4
+    counts[5, 2] = 9  # task 2 ("haze") dominates leaf 5
+    counts[[1, 2]] = counts[[3, 5]] + counts[[4, 6]]
+    counts[0] = counts[[1, 2]].sum(0)
+    return DegradationTree(centroids, [-1, 0, 0, 1, 1, 2, 2], [1, 2, 4], counts.sum(1).tolist(), task_names, counts,
+                           radii=[10.0, 3.0, 3.0, 1.0, 1.0, 1.0, 1.0])
+
+
+def test_a_clean_leaf_caps_the_level_at_its_common_ancestor_with_the_path():
+    tree = hand_tree(["noise", "clean", "haze"])
+    assert tree.clean_leaves().tolist() == [4]
+    near_clean = torch.tensor([[-4.3, -0.8], [-4.3, -0.8], [-4.3, -0.8], [6.0, -1.0]])
+    paths = torch.tensor([[0, 2, 5], [0, 1, 3], [0, 1, 4], [0, 2, 6]])  # haze leaf, a sibling, its own path, far
+    depth, claim = tree.clean_claim(near_clean, paths)
+    assert depth.tolist() == [0, 1, 2, 2]  # common ancestor with leaf 4: the root, node 1, itself; far: no cap
+    assert claim.tolist() == [4, 4, -1, -1]
+    edge = torch.tensor([[-4.0, 0.0], [-4.0, 0.001]])  # exactly on the radius (inside), just beyond it
+    assert tree.clean_claim(edge, paths[:2])[0].tolist() == [0, 2]
+    no_clean = hand_tree(["noise", "rain", "haze"])  # no clean task: nothing is capped
+    assert no_clean.clean_leaves().tolist() == []
+    assert no_clean.clean_claim(near_clean, paths)[0].tolist() == [2, 2, 2, 2]
+    no_clean.radii = None
+    assert no_clean.clean_claim(near_clean, paths)[1].tolist() == [-1] * 4

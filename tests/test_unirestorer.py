@@ -288,3 +288,40 @@ def test_support_check_falls_back_to_the_deepest_node_that_holds_the_image():
     tree.radii[tree.level_starts[2]:] = 1e-6
     depth = tree.supported_depth(centre[None], paths[:1])
     assert depth.tolist() == [1]
+
+
+def test_an_image_a_clean_leaf_holds_falls_back_from_another_familys_leaf():
+    """The stand-in's dark images play the clean task: a router forced to a noise leaf is overruled for the
+    images a clean leaf's support holds (their level falls to the deepest node both paths share, and the
+    explanation says why); the noisy images keep the noise leaf; a named task keeps the router's level."""
+    model = build()
+    tree = model.tree
+    tree.task_names[tree.task_names.index("dark")] = "clean"
+    leaves = tree.leaf_ids.tolist()
+    clean_leaves = tree.clean_leaves().tolist()
+    noise_leaf = next(n for n in leaves if tree.dominant_task()[n] == tree.task_names.index("noise"))
+    assert clean_leaves and set(clean_leaves) | {n for n in leaves if n not in clean_leaves} == set(leaves)
+    with torch.no_grad():  # every image to that noise leaf, at the leaf level
+        model.router.g_d.bias.data[:] = -20.0
+        model.router.g_d.bias.data[noise_leaf - tree.level_starts[-1]] = 20.0
+        model.router.g_g.bias.data[:] = torch.tensor([-20.0, -20.0, 20.0, 0.0, 0.0, 0.0])
+    tree.radii = tree.radii.clone()
+    tree.radii[tree.ancestors(noise_leaf)[1:] + [noise_leaf]] = 1e3  # the noise path holds everything: only
+    x, tasks = images(40, seed=0)  # the clean check can send an image back
+    e = model.embed(x)
+    routes = model.restore(x)[1]
+    fell = kept = 0
+    for r, emb, task in zip(routes, e, tasks):
+        assert r["router_level"] == 2 and r["path"][2] == noise_leaf
+        held = [c for c in clean_leaves if (emb - tree.centroids[c]).norm() <= tree.radii[c]]
+        if held:
+            shared = max(sum(a == b for a, b in zip(tree.ancestors(c) + [c], r["path"])) for c in held) - 1
+            assert r["level"] == shared < 2 and r["node"] == r["path"][shared], r
+            assert "inside the training support of clean node" in r["fallback"], r
+            fell += task == "dark"
+        else:
+            assert r["level"] == 2 and "fallback" not in r, r
+            kept += task == "noise"
+    assert fell >= 35 and kept >= 35, (fell, kept)
+    told = model.restore(x[:40], task="noise")[1]
+    assert all(r["level"] == 2 for r in told)
