@@ -1,18 +1,21 @@
 """Does routing to an expert of the right granularity beat one degradation-agnostic network, at equal
 inference cost, and what does it cost to train? `python bench/quality.py [--budget-minutes M] [--json]`
 
-One protocol, one seed, the same shards for every model, everything in one run (bench/quality_runs.py has
-the training runs). Training: BSDS500 photos (../shared/data/train/BSDS_clean) with synthetic noise, blur,
-rain, haze, low light and the mixtures in TRAIN_MIXTURES, re-degraded online, plus LOL's 80 real training
-pairs as low-light pairs. Testing (nothing of it trained on): CBSD68 at σ 15/25/50, Rain100L (real pairs,
+One protocol, the same shards for every model, everything in one run (bench/quality_runs.py has the
+training runs). `--seed S` (default 0) draws other training crops and degradations and seeds every stage
+(initialisation, sampling, the tree's k-means); the test sets stay the same, so two seeds measure the spread
+of the training alone. Training: BSDS500 photos (../shared/data/train/BSDS_clean) with synthetic noise, blur,
+rain, haze, low light and the mixtures in TRAIN_MIXTURES, re-degraded online, clean photos (the main job's
+ALWAYS_TRAINED: the root and a clean node learn to leave images alone), plus LOL's 80 real training pairs as
+low-light pairs. Testing (nothing of it trained on): CBSD68 at σ 15/25/50, Rain100L (real pairs,
 another rain generator: a shift), LOL eval15 (real), Kodak24 with synthetic blur, haze, a mixture seen in
 training and one never mixed in training. Rows: the tree (routed, root-only, leaf-only, oracle), dense
 experts of equal inference cost and of equal training compute, the LoRA tree, the input and the
 classical floor (BM3D for noise, dark channel prior for haze).
 
-`--budget-minutes M` scales every training stage's steps by (M - 11) / 19: the default plan (M = 30) took
-28.6 min on 2 idle CPU cores, of which about 11 min data, start-up and evaluation, which do not scale
-(BENCHMARKS.md "Quality benchmark"). `--experts SECTION.KEY=VALUE` changes every experts-stage run alike
+`--budget-minutes M` scales every training stage's steps by (M - 14) / 24: the default plan (M = 38) took
+37.9 and 37.1 min (seeds 0, 1) on 2 idle CPU cores, of which about 14 min data, start-up and evaluation,
+which do not scale (BENCHMARKS.md "Quality benchmark"). `--experts SECTION.KEY=VALUE` changes every experts-stage run alike
 (tree, dense, LoRA). `--quick` is the test suite's smoke run (numbers mean nothing).
 """
 
@@ -36,7 +39,7 @@ from quality_runs import BUNDLE_OF, EXPERTS_RUN, MODELS, plan, worker  # noqa: E
 TRAIN_TASKS = ("noise", "blur", "rain", "haze", "lowlight")
 TRAIN_MIXTURES = ("blur+noise", "haze+rain", "lowlight+blur+noise")
 SEEN_MIX, UNSEEN_MIX = "blur+noise", "haze+blur"  # haze was mixed only with rain in training, blur never with haze
-REFERENCE_MINUTES, FIXED_MINUTES = 30.0, 11.0  # the default plan's wall time (28.6 min measured), its unscaled part
+REFERENCE_MINUTES, FIXED_MINUTES = 38.0, 14.0  # the default plan's wall time (37.9 min measured), its unscaled part
 MARKER = ".unirestorer-quality"
 
 
@@ -84,10 +87,10 @@ def load_test_set(ts: TestSet, data: Path, crop: int | None) -> list:
 
 
 # ---- data -------------------------------------------------------------------------------------
-def write_data(data: Path, out: Path, sizes, quick: bool) -> tuple[list[str], list[str]]:
+def write_data(data: Path, out: Path, sizes, quick: bool, seed: int) -> tuple[list[str], list[str]]:
     """Training shard sets (one per task and mixture, plus LOL's real pairs) and validation shards."""
     from unirestorer.data_shards.writer import list_images, write_paired
-    from unirestorer.demo_data import shard_pattern, write_shards
+    from unirestorer.demo_data import ALWAYS_TRAINED, shard_pattern, write_shards
 
     photos = list_images(data / "train" / "BSDS_clean")
     folders = {"val": photos[:sizes.val_photos], "train": photos[sizes.val_photos:][:sizes.train_photos]}
@@ -95,12 +98,14 @@ def write_data(data: Path, out: Path, sizes, quick: bool) -> tuple[list[str], li
         (out / "photos" / split).mkdir(parents=True, exist_ok=True)
         for i, photo in enumerate(chosen):
             shutil.copyfile(photo, out / "photos" / split / f"{i:04d}{photo.suffix.lower()}")
-    tasks = TRAIN_TASKS + TRAIN_MIXTURES
-    train = write_shards(out / "photos" / "train", out / "shards" / "train", tasks, sizes, sizes.per_image, seed=0)
-    val = write_shards(out / "photos" / "val", out / "shards" / "val", tasks, sizes, 1, seed=1000)
+    tasks = TRAIN_TASKS + TRAIN_MIXTURES + ALWAYS_TRAINED
+    # write_shards seeds task i with seed + i: 100 apart, no two seeds share a task's draws
+    train = write_shards(out / "photos" / "train", out / "shards" / "train", tasks, sizes, sizes.per_image,
+                         seed=100 * seed)
+    val = write_shards(out / "photos" / "val", out / "shards" / "val", tasks, sizes, 1, seed=1000 + 100 * seed)
     lol = data / "train" / "LOL"
     m = write_paired(lol / "low", lol / "high", "lowlight", out / "shards" / "train" / "lol_real",
-                     per_image=1 if quick else 2 * sizes.per_image, patch=sizes.stored, seed=0,
+                     per_image=1 if quick else 2 * sizes.per_image, patch=sizes.stored, seed=seed,
                      shard_size=sizes.shard_size, workers=1, force=True)
     train.append(shard_pattern(out / "shards" / "train" / "lol_real", len(m["shards"])))
     return train, val
@@ -224,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[1].parent / "shared" / "data",
                    help="the shared data folder (train/BSDS_clean, train/LOL, test/...)")
     p.add_argument("--gpus", type=int, default=0, help="train on N GPUs (default: 2 CPU ranks)")
+    p.add_argument("--seed", type=int, default=0, help="training data and stage seed (default 0); test sets fixed")
     p.add_argument("--experts", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a key of every experts-stage run (tree, dense, LoRA), e.g. train.loss=psnr; "
                         "repeatable; VALUE is JSON where it parses, else a string")
@@ -248,9 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     sizes = QUICK if args.quick else FULL
     scale = 1.0 if args.quick else (args.budget_minutes - FIXED_MINUTES) / (REFERENCE_MINUTES - FIXED_MINUTES)
-    train, val = write_data(args.data, out, sizes, args.quick)
+    train, val = write_data(args.data, out, sizes, args.quick, args.seed)
     base = stage_configs(out, train, val, sizes, scale)
-    runs = plan(base, out / "checkpoints")
+    runs = plan(base, out / "checkpoints", args.seed)
     for _, stage, cfg in runs:
         for section, key, value in overrides if stage == "experts" else ():
             cfg.setdefault(section, {})[key] = value
@@ -273,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
                         "bundle_bytes": size, "expert_params": params}
     doc = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(["python bench/quality.py", *(argv or sys.argv[1:])]),
            "steps": {r: c["train"].get("max_steps") for r, _, c in runs}, "runs": seconds,
-           "experts_overrides": args.experts,
+           "experts_overrides": args.experts, "seed": args.seed,
            "sets": {ts.name: {"group": ts.group, "n": ts.limit} for ts in sets}, "results": results, "costs": costs,
            "classical": "NL-means" if args.quick else "BM3D (σ known) for noise, dark channel prior for haze",
            "seconds": round(time.monotonic() - start, 1)}

@@ -37,8 +37,9 @@ BUNDLE_OF = {"tree": "router", "dense_inference": "dense_inference", "dense_comp
              "lora": "lora_router"}  # the checkpoint each model's bundle is exported from
 
 
-def plan(base: dict[str, dict], ckpt: Path) -> list[tuple[str, str, dict]]:
-    """(run name, stage, config) in training order; `base` = the main job's four stage configs."""
+def plan(base: dict[str, dict], ckpt: Path, seed: int) -> list[tuple[str, str, dict]]:
+    """(run name, stage, config) in training order; `base` = the main job's four stage configs; every run
+    seeded with `seed`."""
     e = base["experts"]["train"]["max_steps"]
     per_level = e // 3  # demo.stage_configs: three levels, one after the other, e // 3 steps each
     runs = [(name, name, base[name]) for name in ("extractor", "cluster", "experts", "router")]
@@ -65,7 +66,7 @@ def plan(base: dict[str, dict], ckpt: Path) -> list[tuple[str, str, dict]]:
     runs.append(("lora_router", "router", router))
     log_root = Path(base["experts"]["log"]["dir"])
     for name, stage, cfg in runs:  # every run logs to a folder of its own
-        cfg["train"]["stage"] = stage
+        cfg["train"] = {**cfg["train"], "stage": stage, "seed": seed}
         cfg["ckpt"]["resume"] = "none"
         cfg["log"] = {**cfg["log"], "dir": str(log_root / name)}
     return runs
