@@ -15,8 +15,8 @@ classical floor (BM3D for noise, dark channel prior for haze).
 
 `--budget-minutes M` scales every training stage's steps by (M - 14) / 24: the default plan (M = 38) took
 37.9 and 37.1 min (seeds 0, 1) on 2 idle CPU cores, of which about 14 min data, start-up and evaluation,
-which do not scale (BENCHMARKS.md "Quality benchmark"). `--experts SECTION.KEY=VALUE` changes every experts-stage run alike
-(tree, dense, LoRA). `--quick` is the test suite's smoke run (numbers mean nothing).
+which do not scale (BENCHMARKS.md "Quality benchmark"). `--experts SECTION.KEY=VALUE` changes every
+experts-stage run alike (tree, dense, LoRA). `--quick` is the test suite's smoke run (numbers mean nothing).
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def write_data(data: Path, out: Path, sizes, quick: bool, seed: int) -> tuple[li
         for i, photo in enumerate(chosen):
             shutil.copyfile(photo, out / "photos" / split / f"{i:04d}{photo.suffix.lower()}")
     tasks = TRAIN_TASKS + TRAIN_MIXTURES + ALWAYS_TRAINED
-    # write_shards seeds task i with seed + i: 100 apart, no two seeds share a task's draws
+    # write_shards seeds task i with seed + i: training 100·S + i, validation 1000 + 100·S + i (< 100 tasks)
     train = write_shards(out / "photos" / "train", out / "shards" / "train", tasks, sizes, sizes.per_image,
                          seed=100 * seed)
     val = write_shards(out / "photos" / "val", out / "shards" / "val", tasks, sizes, 1, seed=1000 + 100 * seed)

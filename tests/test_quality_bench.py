@@ -28,6 +28,9 @@ def test_quick_run_table_structure_conventions_and_costs(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     doc = json.loads(res.stdout)  # --json: stdout is the document alone (the stages write to stderr)
     assert doc == json.loads((out / "quality.json").read_text()) and doc["seed"] == 1
+    for model in ("tree", "dense_inference", "dense_compute", "lora"):  # the seed reached every model's stages
+        bundle = json.loads((out / "bundles" / model / "bundle.json").read_text())
+        assert bundle["training_config"]["train"]["seed"] == 1, model
     sets = test_sets(quick=True)
     assert list(doc["results"]) == [ts.name for ts in sets] and len(sets) == 9
     assert sum(v["group"] == "mixed/unseen" for v in doc["sets"].values()) == 3
