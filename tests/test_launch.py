@@ -139,7 +139,7 @@ def test_slurm_extractor_preempted_requeued_matches_uninterrupted(local_slurm: d
     assert log.count("[config] stage extractor, 2 ranks") == 2
     assert "[preemption] rank 0 got SIGUSR1" in log and "[preemption] rank 1 got SIGUSR1" in log  # every task
     stop = int(re.search(r"checkpoint at step (\d+) committed; exiting with 75", log)[1])
-    assert 3 <= stop < 6 and f"requeued SLURM job {job}" in log
+    assert 3 <= stop < 6 and f"[preemption] requeueing SLURM job {job}" in log
     assert f"[resume] step {stop} from {out / 'ck' / ckpt.tag_for(stop)} (written by 2 ranks, now 2)" in log
     assert (out / "ck" / "latest").read_text() == "step_00000006"
 

@@ -59,22 +59,23 @@ class PreemptionHandler:
         return bool(flag.item())
 
 
-def requeue_slurm_job() -> bool:
-    """`scontrol requeue $SLURM_JOB_ID` when running under SLURM; False (nothing done) otherwise.
+def requeue_slurm_job() -> None:
+    """`scontrol requeue $SLURM_JOB_ID` when running under SLURM; nothing otherwise.
 
-    Call on one rank, after the checkpoint is committed: Slurm ends the running job's tasks at once.
+    Call on one rank, after the checkpoint is committed: Slurm ends the running job's tasks at once, so
+    the log line comes first (printed after the requeue, it was sometimes killed before it was written).
     """
     job_id = os.environ.get("SLURM_JOB_ID")
     if not job_id:
-        return False
+        return
+    print(f"[preemption] requeueing SLURM job {job_id}", file=sys.stderr, flush=True)
     subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60)
-    return True
 
 
 def exit_preempted(rank: int) -> NoReturn:
     """End a run whose checkpoint is committed on every rank: rank 0 requeues (under SLURM), all exit 75."""
-    if rank == 0 and requeue_slurm_job():
-        print(f"[preemption] requeued SLURM job {os.environ['SLURM_JOB_ID']}", file=sys.stderr, flush=True)
+    if rank == 0:
+        requeue_slurm_job()
     if dist.is_available() and dist.is_initialized():
         dist.barrier()  # no rank exits before the requeue is issued (srun --kill-on-bad-exit would end rank 0)
     sys.exit(PREEMPTED_EXIT_CODE)
