@@ -8,8 +8,8 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-# uv installs the same packages as pip, about 2x faster (50 s vs 109 s, BENCHMARKS.md "Where the demo's time goes, and the
-# venv"); it reads UV_DEFAULT_INDEX / UV_INDEX, not pip.conf, where a mirror is needed, and trusts the
+# uv installs the same packages as pip, about 2x faster (50 s vs 109 s, BENCHMARKS.md "Where the demo's time
+# goes, and the venv"); it reads UV_DEFAULT_INDEX / UV_INDEX, not pip.conf, where a mirror is needed, and trusts the
 # system's certificates (as pip does), so a TLS-inspecting proxy's CA works without SSL_CERT_FILE. Like pip
 # it compiles the bytecode: without .pyc files every process imports torch from source, and the test suite,
 # which starts hundreds of them, took 1310 s instead of 749 s.
