@@ -118,15 +118,11 @@ def train_all(runs: list[tuple[str, str, dict]], out: Path, gpus: int) -> dict[s
 
     import torch.multiprocessing as mp
 
-    from unirestorer.demo_stages import free_port, launcher_env, release_shm
+    from unirestorer.demo_stages import free_port, launcher_env
 
-    os.environ.update({k: v for k, v in launcher_env(gpus).items() if k in ("DS_ACCELERATOR", "OMP_NUM_THREADS",
-                                                                          "TORCH_EXTENSIONS_DIR")})
+    os.environ.update({k: v for k, v in launcher_env(gpus).items() if k in ("DS_ACCELERATOR", "OMP_NUM_THREADS")})
     report, port = out / "runs.json", free_port()
-    try:
-        mp.start_processes(worker, args=(gpus or 2, port, runs, str(report)), nprocs=gpus or 2, start_method="spawn")
-    finally:
-        release_shm(port)
+    mp.start_processes(worker, args=(gpus or 2, port, runs, str(report)), nprocs=gpus or 2, start_method="spawn")
     done = json.loads(report.read_text()) if report.exists() else {}
     failed = [n for n, r in done.items() if r["code"]] + [n for n, *_ in runs if n not in done][:1]
     if failed:

@@ -46,6 +46,14 @@ def rank_env_from_slurm(env: dict[str, str] | None = None) -> dict[str, str]:
     return out
 
 
+def skip_shm_comm_op(deepspeed) -> None:
+    """Keep DeepSpeed from compiling and loading its CPU shared-memory all-reduce op (34 s of C++ on a fresh
+    machine, then a 69 MB /dev/shm buffer per rank left behind): only its inference all-reduce uses it, never
+    training, and it needs a compiler. DeepSpeed builds it when `deepspeed.ops.__compatible_ops__` says the op
+    is compatible, a dict it documents as editable."""
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
     """Set the rank variables (SLURM or single process), pick the device, and create the process group
     through deepspeed.init_distributed: NCCL on CUDA, gloo on CPU (DS_ACCELERATOR=cpu)."""
@@ -56,6 +64,7 @@ def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
                          ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")):
         os.environ.setdefault(key, default)
     rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    skip_shm_comm_op(deepspeed)
     use_cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") == "cuda"
     if use_cuda:
         torch.cuda.set_device(local_rank)

@@ -187,6 +187,8 @@ def test_quick_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert "| **mean** |" in proc.stdout and f"Everything is in {out}" in proc.stdout
     assert f"unirestorer serve --weights {out / 'bundle'}" in proc.stdout
     assert any((out / "tensorboard" / "tb").glob("events.out.tfevents.*"))
+    for log in (out / "logs").glob("*.log"):  # launch/env.py skip_shm_comm_op: no C++ op compiled or loaded
+        assert "shm_comm_op" not in log.read_text(), log
 
 
 def test_clean_is_always_trained_never_a_table_task() -> None:
@@ -195,3 +197,15 @@ def test_clean_is_always_trained_never_a_table_task() -> None:
     with pytest.raises(ValueError, match="no degradation given.*clean is always trained"):
         demo.parse_tasks("clean")
     assert demo_data.ALWAYS_TRAINED == ("clean",)
+
+
+def test_shards_are_written_by_one_process_per_core_only_for_many_photos(tmp_path: Path) -> None:
+    """Starting worker processes costs ~2 s: the quick demo's few photos are written in-process."""
+    few, many = tmp_path / "few", tmp_path / "many"
+    for folder, n in ((few, 99), (many, 100)):
+        folder.mkdir()
+        for i in range(n):
+            (folder / f"{i:03d}.png").write_bytes(b"")  # only counted, never read
+    (few / ".hidden.png").write_bytes(b"")
+    assert demo_data.shard_workers(few) == 1
+    assert demo_data.shard_workers(many) == min(os.cpu_count() or 1, 8)

@@ -3,6 +3,7 @@ fixed seed, and one shard set per task; `Sizes` holds everything that sets the d
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,15 +142,24 @@ def degrade_heldout(clean: Path, out: Path, tasks: tuple[str, ...], seed: int = 
     return samples
 
 
+def shard_workers(photos: Path) -> int:
+    """Processes that write a shard set: one per core (at most 8) for a hundred photos or more; fewer are
+    written in-process, where starting the processes (~2 s) would cost more than it saves. The shards are
+    the same bytes either way (data_shards/writer.py)."""
+    from unirestorer.data_shards.imageio import input_files
+
+    return min(os.cpu_count() or 1, 8) if len(input_files(photos)[0]) >= 100 else 1
+
+
 def write_shards(photos: Path, out: Path, tasks: tuple[str, ...], sizes: Sizes, per_image: int, seed: int
                  ) -> list[str]:  # fmt: skip
     """One shard set per task (so the stages can mix tasks evenly); returns their patterns."""
     from unirestorer.data_shards.writer import write_synthetic
 
-    patterns = []
+    patterns, workers = [], shard_workers(photos)
     for i, task in enumerate(tasks):  # seed + i: each task's crops come from other places of the photos
         m = write_synthetic(photos, out / task, (task,), per_image=per_image, patch=sizes.stored, seed=seed + i,
-                            shard_size=sizes.shard_size, workers=1, force=True)  # fmt: skip
+                            shard_size=sizes.shard_size, workers=workers, force=True)  # fmt: skip
         n = len(m["shards"])
         patterns.append(shard_pattern(out / task, n))
     return patterns

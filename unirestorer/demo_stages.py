@@ -69,13 +69,11 @@ def free_port() -> int:
 
 
 def launcher_env(gpus: int) -> dict[str, str]:
-    """The environment of a stage: CPU ranks unless --gpus; the venv's `deepspeed` found last on PATH
-    (a second `ninja` earlier on PATH would rebuild DeepSpeed's CPU comm op every time)."""
+    """The environment of a stage: CPU ranks unless --gpus; the venv's `deepspeed` on PATH."""
     env = dict(os.environ)
     bindir = str(Path(sys.executable).parent)
     if bindir not in env.get("PATH", "").split(os.pathsep):
         env["PATH"] = env.get("PATH", "") + os.pathsep + bindir
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     env.setdefault("OMP_NUM_THREADS", "1")
     env.pop("DS_ACCELERATOR", None)
     if not gpus:
@@ -87,12 +85,6 @@ def stage_command(stage: str, config: Path, ranks: int, port: int) -> list[str]:
     deepspeed = str(Path(sys.executable).parent / "deepspeed")
     return [deepspeed, "--num_gpus", str(ranks), "--master_port", str(port), "--no_local_rank",
             "--module", "unirestorer.train", stage, "--config", str(config), "--resume", "none"]  # fmt: skip
-
-
-def release_shm(port: int) -> None:
-    """DeepSpeed's CPU all-reduce op leaves a 69 MB buffer per rank of a finished run in /dev/shm."""
-    for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
-        f.unlink(missing_ok=True)
 
 
 class Terminal:
@@ -191,7 +183,6 @@ def train_stages(out: Path, shards: list[str], val: list[str], sizes: Sizes, sca
         progress.phase(f"stage {stage} on {ranks} {'GPU' if gpus else 'CPU rank'}s{steps} (config {path})")
         port = free_port()
         code = run_logged(stage_command(stage, path, ranks, port), env, log)
-        release_shm(port)
         if code:
             print(f"\ndemo stopped: stage {stage} failed with exit code {code}; its log: {log}", file=sys.stderr)
             return code
