@@ -14,14 +14,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from unirestorer.model.lora import tree_expert
-from unirestorer.model.router import Router
-from unirestorer.model.unirestorer import CONFIG, UniRestorer
 from unirestorer.safe_files import UnsafePathError, atomic_write, check_writable, output_folder
-from unirestorer.train.checkpoint import CheckpointError
-from unirestorer.train.stage_state import extractor_from_checkpoint, tree_from_state
-from unirestorer.train.weights import Checkpoint, expert_files_by_node, load_submodule, read_checkpoint
+
+# torch and the model load only when an export runs: `unirestorer` (whose module imports this one) starts in a
+# fraction of a second, and so do the worker processes `shards write` spawns, which import it again
+if TYPE_CHECKING:
+    from unirestorer.model.unirestorer import UniRestorer
+    from unirestorer.train.weights import Checkpoint
 
 EXPERTS_ONLY_NOTE = ("{path} is an experts-stage checkpoint: the router in the bundle is freshly initialised. Its "
                      "gates are zero, so every leaf and level is equally likely and the argmax picks the first "
@@ -30,6 +31,13 @@ EXPERTS_ONLY_NOTE = ("{path} is an experts-stage checkpoint: the router in the b
 
 def restorer_from_checkpoint(ckpt: Checkpoint) -> tuple[UniRestorer, str]:
     """The single-process model of an experts or router checkpoint, and a note on what it holds."""
+    from unirestorer.model.lora import tree_expert
+    from unirestorer.model.router import Router
+    from unirestorer.model.unirestorer import UniRestorer
+    from unirestorer.train.checkpoint import CheckpointError
+    from unirestorer.train.stage_state import extractor_from_checkpoint, tree_from_state
+    from unirestorer.train.weights import expert_files_by_node, load_submodule
+
     stage, state = ckpt.client_state.get("stage"), ckpt.client_state.get("stage_state", {})
     if stage not in ("experts", "router") or "tree_meta" not in state:
         raise CheckpointError(f"{ckpt.path}: a checkpoint of stage {stage!r}; export needs one of the experts or "
@@ -68,6 +76,9 @@ def check_out(out: str | Path, overwrite: bool) -> Path:
 
 def export(ckpt_dir: str | Path, out: str | Path, overwrite: bool = False) -> str:
     """Write the bundle of checkpoint `ckpt_dir` (a step folder, or a folder whose `latest` names one)."""
+    from unirestorer.model.unirestorer import CONFIG
+    from unirestorer.train.weights import read_checkpoint
+
     out = check_out(out, overwrite)
     ckpt = read_checkpoint(ckpt_dir)
     model, note = restorer_from_checkpoint(ckpt)
@@ -82,6 +93,8 @@ def export(ckpt_dir: str | Path, out: str | Path, overwrite: bool = False) -> st
 
 
 def _run(args: argparse.Namespace) -> int:
+    from unirestorer.train.checkpoint import CheckpointError
+
     try:
         note = export(args.ckpt_dir, args.out, args.overwrite)
     except (CheckpointError, ValueError, OSError) as err:
