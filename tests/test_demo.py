@@ -213,8 +213,8 @@ def test_shards_are_written_by_one_process_per_core_only_for_many_photos(tmp_pat
 
 def test_the_command_starts_without_torch() -> None:
     """Every subcommand imports torch in its handler only. `shards write` spawns worker processes that import
-    the command's module again: with torch at the top they took 5 s each to start (the demo's shard phase
-    then took 48 s instead of 26 s)."""
+    the command's module again: with torch at the top they took 5 s each to start, and the demo's shards took
+    42-46 s instead of 24-25 s (BENCHMARKS.md, "the demo's fixed costs cut")."""
     code = "import sys, unirestorer.cli; print(sorted({'torch', 'deepspeed', 'timm'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]"
