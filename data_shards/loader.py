@@ -276,18 +276,21 @@ def _image(sample: dict, name: str) -> np.ndarray:
     raise ValueError(f"no {name} image (.png/.jpg) among members {sorted(k for k in sample if k[:2] != '__')}")
 
 
-def decode(sample: dict, need_lq: bool, patch: int) -> dict:
-    """Raw tar sample -> {"meta", "gt", "lq"?} with checked sizes; raises ValueError on bad data."""
+def decode(sample: dict, cfg: StreamConfig) -> dict:
+    """Raw tar sample -> {"meta", "gt", "lq"?} with checked sizes; raises ValueError on bad data. The stored lq
+    is decoded only where it is used (`keeps_stored_lq`): online re-degradation makes its own."""
     if "json" not in sample:
         raise ValueError("no json member")
     meta = sample_json(sample["json"], "json member")
+    if not isinstance(meta.get("label", {}), dict):
+        raise ValueError("json member: 'label' must be an object")
     out = {"meta": meta, "gt": _image(sample, "gt")}
-    if need_lq:
+    if keeps_stored_lq(cfg, meta.get("label", {})):
         out["lq"] = _image(sample, "lq")
         if out["lq"].shape != out["gt"].shape:
             raise ValueError(f"lq {out['lq'].shape[:2]} and gt {out['gt'].shape[:2]} differ in size")
-    if min(out["gt"].shape[:2]) < patch:
-        raise ValueError(f"image {out['gt'].shape[:2]} is smaller than the patch {patch}")
+    if min(out["gt"].shape[:2]) < cfg.patch:
+        raise ValueError(f"image {out['gt'].shape[:2]} is smaller than the patch {cfg.patch}")
     return out
 
 
@@ -337,7 +340,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         batch = []
         for raw in samples:
             try:
-                item = decode(raw, not cfg.online or own_task_online(cfg), cfg.patch)
+                item = decode(raw, cfg)
             except ValueError as exn:
                 skips.sample_error(raw, exn)
                 continue
@@ -353,8 +356,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         images = [item["gt"], item["lq"]] if "lq" in item else [item["gt"]]
         gt, *lq = crop_pair(images, cfg.patch, rng, cfg.augment)
         stored = {"gt": gt, "lq": lq[0] if lq else None, "task": meta["task"], "label": meta.get("label", {}), "key": key}
-        if not cfg.online or (own_task_online(cfg) and not resynthesizable(stored["label"])):
-            return stored  # real pairs keep their real degradation
+        if keeps_stored_lq(cfg, stored["label"]):
+            return stored  # offline, or a real pair: its real degradation
         clean = gt.astype(np.float32) * np.float32(1 / 255)
         if cfg.online_sigmas:
             label = noise_label(float(cfg.online_sigmas[rng.integers(len(cfg.online_sigmas))]))
@@ -369,6 +372,12 @@ class ShardStream(torch.utils.data.IterableDataset):
 def own_task_online(cfg: StreamConfig) -> bool:
     """Online mode that re-degrades every sample with fresh parameters of its own stored task."""
     return cfg.online and not cfg.online_sigmas and not cfg.online_tasks
+
+
+def keeps_stored_lq(cfg: StreamConfig, label: dict) -> bool:
+    """Whether a sample's stored lq is its training input: offline, or online re-degradation of its own task
+    where the sample is a real pair (nothing to re-synthesize it from)."""
+    return not cfg.online or (own_task_online(cfg) and not resynthesizable(label))
 
 
 def resynthesizable(label: dict) -> bool:

@@ -315,6 +315,41 @@ def test_online_default_redraws_each_samples_own_task_and_keeps_real_pairs(tmp_p
     assert seen == {"haze", "rain"}
 
 
+def rewrite(path: Path, change) -> None:
+    """Rewrite every sample of shard `path` through change(sample dict) -> sample dict."""
+    samples = list(wds.WebDataset(str(path), shardshuffle=False))
+    with wds.TarWriter(str(path)) as sink:
+        for x in samples:
+            sink.write(change({k: x[k] for k in ("__key__", "lq.png", "gt.png", "json")}))
+
+
+def test_online_never_decodes_a_resynthesised_samples_stored_lq(tmp_path, caplog):
+    """Online re-degradation makes its own lq: a corrupt stored lq changes nothing there (same batches, nothing
+    skipped); a real pair's stored lq is its input, so a corrupt one is skipped by name, as is a label that is
+    not an object."""
+    haze = {"task": "haze", "components": [{"family": "haze", "type": "haze", "params": {}}]}
+    synthetic = lambda x: {**x, "json": json.dumps({**json.loads(x["json"]), "label": haze})}
+    batches = {}
+    for name, corrupt in (("intact", False), ("corrupt", True)):
+        spec, _ = write_set(tmp_path / name, "s", [6], task="haze", lq=lambda gt: gt)
+        rewrite(tmp_path / name / "s-000000.tar",
+                lambda x: {**synthetic(x), "lq.png": b"not a png" if corrupt else x["lq.png"]})
+        batches[name] = take(make_loader(cfg([spec], online=True, batches_per_epoch=3)))
+    for a, b in zip(batches["intact"], batches["corrupt"], strict=True):
+        assert a["key"] == b["key"] and torch.equal(a["lq"], b["lq"]) and torch.equal(a["gt"], b["gt"])
+        assert b["skipped"]["samples"] == 0
+
+    spec, _ = write_set(tmp_path / "real", "r", [6], task="rain")
+    bad = {"r00x001": {"lq.png": b"not a png"}, "r00x002": {"json": json.dumps({"task": "rain", "label": "x"})}}
+    rewrite(tmp_path / "real" / "r-000000.tar", lambda x: {**x, **bad.get(x["__key__"], {})})
+    loader = make_loader(cfg([spec], online=True, batch_size=1, num_workers=0, shuffle_buffer=0, batches_per_epoch=4))
+    with caplog.at_level(logging.WARNING, logger="unirestorer.data_shards.loader"):
+        keys = [b["key"][0] for b in take(loader)]
+    assert keys == ["r00x000", "r00x003", "r00x004", "r00x005"]
+    assert "r00x001" in caplog.text and "lq.png: not a decodable PNG/JPEG image" in caplog.text
+    assert "r00x002" in caplog.text and "'label' must be an object" in caplog.text
+
+
 def test_online_noise_mix_has_requested_sigma(tmp_path):
     spec, _ = write_set(tmp_path, "n", [8], lo=96, hi=160, lq=lambda gt: gt)
     sigmas = (15.0, 25.0, 50.0)

@@ -3,7 +3,9 @@
 - noise: BM3D (the `bm3d` package, a dependency) where it is installed, else scikit-image's NL-means
   (h = 0.8·σ, 5×5 patches, search distance 6), or the one `denoiser` names (BM3D costs ~16 s per
   481×321 image on one CPU core, NL-means ~1 s); σ is the known synthetic σ, else estimated from the
-  image (scikit-image's wavelet estimate), as for real noise;
+  image (scikit-image's wavelet estimate), as for real noise. BM3D runs one thread per image, so its
+  result is reproducible (bm4d's threaded runs differ in the last bits); evaluate() restores several
+  images at once instead (`WORKERS`);
 - haze: the dark channel prior (He, Sun and Tang, CVPR 2009) with a guided-filter refined transmission;
 - other tasks: none.
 """
@@ -11,11 +13,14 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import cv2
 import numpy as np
 
 DENOISERS = ("auto", "bm3d", "nlmeans")
+# images evaluate() restores at once: one per core, at most 4 (BM3D's memory grows with the image)
+WORKERS = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
 def has_bm3d() -> bool:
@@ -55,7 +60,9 @@ def denoise(img: np.ndarray, sigma: float | None, denoiser: str = "auto") -> np.
     if pick_denoiser(denoiser) == "bm3d":
         import bm3d
 
-        return np.clip(bm3d.bm3d_rgb(img, sigma), 0, 1).astype(np.float32)
+        profile = bm3d.BM3DProfile()
+        profile.num_threads = 1
+        return np.clip(bm3d.bm3d_rgb(img, sigma, profile=profile), 0, 1).astype(np.float32)
     from skimage.restoration import denoise_nl_means
 
     out = denoise_nl_means(img, h=0.8 * sigma, sigma=sigma, patch_size=5, patch_distance=6, fast_mode=True,

@@ -149,42 +149,59 @@ def load_synthetic(clean_dir: Path, spec: str, seed: int = 0, multiple: int = 16
 
 def evaluate(model, samples: list[Sample], conv: Convention = Convention(), task: str | None = None,
              tile: int = 0, overlap: int = 64, device: str = "cpu", progress: bool = True,
-             set_task: str | None = None, denoiser: str = "auto", bf16: bool = False,
+             set_task: str | None | list[str | None] = None, denoiser: str = "auto", bf16: bool = False,
              ) -> tuple[list[dict], list[np.ndarray]]:  # fmt: skip
     """Per-image records (route, PSNR/SSIM of every method and of every path node) and routed outputs.
 
-    `task` routes in instruction mode; `set_task` (the set's degradation) and `denoiser` pick the classical
-    row; `bf16` runs the experts under bf16 autocast (routing stays fp32)."""
-    import torch
+    `task` routes in instruction mode; `set_task` (the set's degradation, or one per sample) and `denoiser`
+    pick the classical row; `bf16` runs the experts under bf16 autocast (routing stays fp32)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm import tqdm
 
     from unirestorer import classical
-    from unirestorer.restore import route_image, run_expert
 
     records, outputs = [], []
-    leaf0 = model.tree.level_starts[-1]
-    for s in tqdm(samples, desc="eval", unit="img", disable=not progress):
-        x = torch.from_numpy(s.lq).permute(2, 0, 1)[None].to(device)
-        route = route_image(model, x, task)
-        leaf = int(route.leaf[0])
-        path = [int(n) for n in model.router.leaf_paths[leaf]]
-        outs = {n: run_expert(model, n, x, tile, overlap, bf16=bf16)[0].permute(1, 2, 0).cpu().numpy() for n in path}
-        if bad := [n for n, o in outs.items() if not np.isfinite(o).all()]:
-            raise ValueError(f"{s.name}: the output of expert {bad[0]} holds NaN/Inf values; refusing to score it")
-        score = {n: (psnr(o, s.gt, conv), ssim(o, s.gt, conv)) for n, o in outs.items()}
-        node = int(route.node[0])
-        best = max(path, key=lambda n: score[n][0])
-        floor = classical.restore(s.lq, set_task, s.sigma, denoiser)
-        scores = {"input": (psnr(s.lq, s.gt, conv), ssim(s.lq, s.gt, conv)),
-                  "classical": (None, None) if floor is None else (psnr(floor, s.gt, conv), ssim(floor, s.gt, conv)),
-                  "root": score[path[0]], "leaf": score[leaf0 + leaf], "routed": score[node], "oracle": score[best]}
-        router_level = route.level if route.router_level is None else route.router_level  # before the support check
-        records.append({"name": s.name, "level": int(route.level[0]), "router_level": int(router_level[0]),
-                        "node": node, "leaf": leaf0 + leaf,
-                        "oracle_node": best, "path": path, "path_psnr": [score[n][0] for n in path],
-                        **{f"{m}_{k}": v[j] for m, v in scores.items() for j, k in enumerate(("psnr", "ssim"))}})
-        outputs.append(outs[node])
+    tasks = set_task if isinstance(set_task, list) else [set_task] * len(samples)
+    if len(tasks) != len(samples):
+        raise ValueError(f"set_task: {len(tasks)} tasks for {len(samples)} samples")
+    # the classical floors on the other cores while the experts run here: BM3D, OpenCV and PyTorch release the GIL
+    pool = ThreadPoolExecutor(classical.WORKERS)
+    floors = [pool.submit(classical.restore, s.lq, t, s.sigma, denoiser) for s, t in zip(samples, tasks)]
+    try:
+        for s, floor in zip(tqdm(samples, desc="eval", unit="img", disable=not progress), floors):
+            record, output = score_sample(model, s, task, tile, overlap, device, bf16, floor.result(), conv)
+            records.append(record)
+            outputs.append(output)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
     return records, outputs
+
+
+def score_sample(model, s: Sample, task: str | None, tile: int, overlap: int, device: str, bf16: bool,
+                 floor: np.ndarray | None, conv: Convention) -> tuple[dict, np.ndarray]:
+    """One image's record and routed output."""
+    import torch
+
+    from unirestorer.restore import route_image, run_expert
+
+    x = torch.from_numpy(s.lq).permute(2, 0, 1)[None].to(device)
+    route = route_image(model, x, task)
+    leaf, leaf0 = int(route.leaf[0]), model.tree.level_starts[-1]
+    path = [int(n) for n in model.router.leaf_paths[leaf]]
+    outs = {n: run_expert(model, n, x, tile, overlap, bf16=bf16)[0].permute(1, 2, 0).cpu().numpy() for n in path}
+    if bad := [n for n, o in outs.items() if not np.isfinite(o).all()]:
+        raise ValueError(f"{s.name}: the output of expert {bad[0]} holds NaN/Inf values; refusing to score it")
+    score = {n: (psnr(o, s.gt, conv), ssim(o, s.gt, conv)) for n, o in outs.items()}
+    node = int(route.node[0])
+    best = max(path, key=lambda n: score[n][0])
+    scores = {"input": (psnr(s.lq, s.gt, conv), ssim(s.lq, s.gt, conv)),
+              "classical": (None, None) if floor is None else (psnr(floor, s.gt, conv), ssim(floor, s.gt, conv)),
+              "root": score[path[0]], "leaf": score[leaf0 + leaf], "routed": score[node], "oracle": score[best]}
+    router_level = route.level if route.router_level is None else route.router_level  # before the support check
+    return {"name": s.name, "level": int(route.level[0]), "router_level": int(router_level[0]), "node": node,
+            "leaf": leaf0 + leaf, "oracle_node": best, "path": path, "path_psnr": [score[n][0] for n in path],
+            **{f"{m}_{k}": v[j] for m, v in scores.items() for j, k in enumerate(("psnr", "ssim"))}}, outs[node]
 
 
 def summarise(records: list[dict]) -> dict[str, dict[str, float | None]]:

@@ -88,21 +88,18 @@ def identity(gt: np.ndarray, i: int, rng: np.random.Generator) -> tuple[np.ndarr
 
 
 def run_set(model, shift: ShiftSet, denoiser: str, device: str) -> tuple[list[dict], list[np.ndarray]]:
-    """evaluate() per image (its own classical floor), plus the router's own level's PSNR per record."""
+    """evaluate() with each image's own classical floor, plus the router's own level's PSNR per record."""
     from unirestorer.evaluate import evaluate
 
-    records, outputs = [], []
-    for sample, task in zip(shift.samples, shift.tasks):
-        recs, outs = evaluate(model, [sample], device=device, progress=False, set_task=task, denoiser=denoiser)
-        r = recs[0]
+    records, outputs = evaluate(model, shift.samples, device=device, progress=False, set_task=list(shift.tasks),
+                                denoiser=denoiser)
+    for r in records:
         for key in [k for k, v in r.items() if k.endswith("_psnr") and isinstance(v, float)]:  # identical: inf, capped
             r[key] = min(r[key], MAX_PSNR)
         r["path_psnr"] = [min(v, MAX_PSNR) for v in r["path_psnr"]]
         if r["classical_psnr"] is None:  # no classical method for this degradation: the floor is doing nothing
             r["classical_psnr"] = r["input_psnr"]
         r["router_psnr"] = r["path_psnr"][r["router_level"]]
-        records.append(r)
-        outputs += outs
     return records, outputs
 
 
