@@ -89,12 +89,14 @@ def test_recipes_scale_to_the_printed_values(stage, world):
 def test_scaling_rules_and_every_step_key():
     cfg = load_config(None, ["train.reference_batch=16", "train.lr_scaling=linear", "train.lr=1e-3",
                              "train.max_steps=1000", "train.warmup_steps=10", "train.level_lrs=[1e-3,5e-4]",
-                             "train.level_start_steps=[0,101]"])  # fmt: skip
+                             "train.level_start_steps=[0,101]", "train.level_end_steps=[101,899]",
+                             "train.root_polish_steps=101"])  # fmt: skip
     line = scale_to_world(cfg, 4, 8)
     assert "global batch 32 = 4 ranks × 8; lr 2.00e-03 = 1.00e-03 × 32/16 (linear rule" in line
     t = cfg.train
-    assert (t.lr, t.level_lrs, t.max_steps, t.warmup_steps, t.level_start_steps) == (
-        2e-3, [2e-3, 1e-3], 500, 5, [0, 51])  # steps rounded up: never fewer images than the recipe
+    assert (t.lr, t.level_lrs, t.max_steps, t.warmup_steps, t.level_start_steps, t.level_end_steps) == (
+        2e-3, [2e-3, 1e-3], 500, 5, [0, 51], [51, 450])  # steps rounded up: never fewer images than the recipe
+    assert t.root_polish_steps == 50  # its start, step 899, scaled as the levels' ends: the last level ends there
     none = load_config(None, ["train.reference_batch=8", "train.lr_scaling=none", "train.max_steps=80"])
     assert "lr 3.00e-04 = 3.00e-04 × 1 (none rule" in scale_to_world(none, 2, 8) and none.train.max_steps == 40
     untouched = load_config(None, ["train.max_steps=80"])

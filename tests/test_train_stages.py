@@ -77,10 +77,15 @@ def configs(root: Path, shards: dict[str, str]) -> dict[str, dict]:
                                         "level_lrs": [1e-3, 0.0, 0.0], "level_start_steps": [0, 2, 2]},
                          log={"val_every": 3}, tree=tree),
         # resume: A runs 4 steps (checkpoints at 2 and 4); B resumes A's step 2 where level 2 starts from level 1
-        **{run: {**stage("experts", 4, {"init_ckpt": str(root / "ckpt" / "extractor"), "level_start_steps": [0, 0, 2]},
-                         tree=tree), "log": {"dir": str(root / "logs" / run), "every": 1, "val_every": 0},
+        **{run: {**stage("experts", 4, {"init_ckpt": str(root / "ckpt" / "extractor"), "level_start_steps": [0, 0, 2],
+                                        "loss": "psnr"}, tree=tree), "log": {"dir": str(root / "logs" / run), "every": 1, "val_every": 0},
                  "ckpt": {"dir": str(root / "ckpt" / run), "every": 2, "resume": "auto"}}
            for run in ("experts_a", "experts_b")},
+        # A with one more step, in which the root alone trains again at its polish floor
+        "experts_p": {**stage("experts", 5, {"init_ckpt": str(root / "ckpt" / "extractor"), "level_start_steps": [0, 0, 2],
+                                             "loss": "psnr", "root_polish_steps": 1}, tree=tree),
+                      "log": {"dir": str(root / "logs" / "experts_p"), "every": 1, "val_every": 0},
+                      "ckpt": {"dir": str(root / "ckpt" / "experts_p"), "every": 2, "resume": "auto"}},
         "router": stage("router", 2, {"init_ckpt": str(root / "ckpt" / "experts"), "schedule": "constant"},
                         log={"val_every": 2}, tree={**tree, "path": ""}),
     }
@@ -116,7 +121,7 @@ def test_all_stages_finish(pipeline):
     root, _ = pipeline
     for rank in range(2):
         assert json.loads((root / f"codes_rank{rank}.json").read_text()) == {
-            "extractor": 0, "cluster": 0, "experts": 0, "experts_a": 0, "experts_b": 0, "router": 0}
+            "extractor": 0, "cluster": 0, "experts": 0, "experts_a": 0, "experts_p": 0, "experts_b": 0, "router": 0}
 
 
 @pytest.mark.slow
@@ -165,6 +170,26 @@ def test_experts_resume_is_exact(pipeline):
               for run in ("experts_a", "experts_b")]
     assert losses[1] == {s: losses[0][s] for s in (3, 4)}
     assert torch.equal(a.client_state["stage_state"]["images_seen"], b.client_state["stage_state"]["images_seen"])
+
+
+@pytest.mark.slow
+def test_root_polish_changes_the_root_alone(pipeline):
+    """P = A plus one polish step: equal to A up to A's end, then only the root moves and only it sees images."""
+    from unirestorer.train.weights import read_checkpoint
+
+    root, _ = pipeline
+    a, p4, p5 = (read_checkpoint(root / "ckpt" / run / step) for run, step in
+                 (("experts_a", "step_00000004"), ("experts_p", "step_00000004"), ("experts_p", "step_00000005")))
+    assert a.experts.keys() == p5.experts.keys() and len(a.experts) == 7
+    equal = lambda x, y: all(torch.equal(x[k], y[k]) for k in x)  # noqa: E731
+    assert all(equal(a.experts[key], p4.experts[key]) for key in a.experts)  # nothing before the polish differs
+    assert all(equal(a.experts[key], p5.experts[key]) for key in a.experts if key != (0, 0))  # the children stay
+    assert not equal(a.experts[(0, 0)], p5.experts[(0, 0)])  # the root moved
+    last = metrics(root, "experts_p")[-1]
+    assert last["step"] == 5 and "train/loss/level0" in last and "train/loss/level1" not in last
+    assert last["train/lr1"] == last["train/lr2"] == 0.0 < last["train/lr"]
+    seen = [p4.client_state["stage_state"]["images_seen"], p5.client_state["stage_state"]["images_seen"]]
+    assert (seen[1] - seen[0]).tolist() == [4, 0, 0, 0, 0, 0, 0]  # 2 ranks x 2 images, all to the root
 
 
 @pytest.mark.slow
@@ -294,3 +319,30 @@ def test_level_schedule():
     assert [f(s) for s in (0, 1, 2, 3)] == [0.0, 0.0, 0.5, 1.0]
     assert f(4) == pytest.approx(1.0) and f(10) == pytest.approx(0.1) and f(7) == pytest.approx(0.55)
     assert lr_lambda(0, 0, 10, 0.0, "constant")(9) == 1.0
+
+
+def test_root_polish_schedule_and_its_errors():
+    from unirestorer.train.config import ConfigError, load_config
+    from unirestorer.train.stage_experts import LevelLR, check_lora_tree, level_schedule
+
+    def schedule(*overrides: str) -> tuple:
+        cfg = load_config(None, ["train.max_steps=12", "train.loss=psnr", "train.root_polish_steps=3", *overrides])
+        return cfg, *level_schedule(cfg, 3)[1:]
+
+    # default windows end where the polish starts (step 9), level l starting at l * 9 / 3
+    assert schedule()[1:] == ([0, 3, 6], [9, 9, 9])
+    assert schedule("train.level_end_steps=[3,6,9]")[1:] == ([0, 3, 6], [3, 6, 9])
+    with pytest.raises(ConfigError, match=r"every level must end by step 9, where the root's polish starts"):
+        schedule("train.level_end_steps=[3,6,12]")
+    with pytest.raises(ConfigError, match=r"one must train until train.max_steps=12 - train.root_polish_steps=3"):
+        schedule("train.level_end_steps=[3,6,8]")
+    with pytest.raises(ConfigError, match=r"train.root_polish_steps=12: must lie in \[0, train.max_steps=12\)"):
+        schedule("train.root_polish_steps=12")
+    with pytest.raises(ConfigError, match=r"root_polish_steps=3 needs train.loss = \"psnr\".*got 'l1'"):
+        schedule("train.loss=l1")
+    with pytest.raises(ConfigError, match=r"model.lora_rank=8: train.root_polish_steps must be 0"):
+        check_lora_tree(*schedule("model.lora_rank=8", "train.level_end_steps=[3,6,9]"))
+    # the root's LR: its window [0, 3), nothing until the polish, then a warmup + cosine of its own over [9, 12)
+    root = LevelLR(0, 1, 3, 0.0, "cosine", True, 9, 12)
+    assert [round(root(s), 3) for s in range(12)] == [1.0, 1.0, 0.5, 0, 0, 0, 0, 0, 0, 1.0, 1.0, 0.5]
+    assert [LevelLR(6, 1, 9, 0.0, "cosine", True)(s) for s in (8, 9, 11)] == [0.5, 0.0, 0.0]  # a leaf stays done

@@ -30,7 +30,8 @@ def run(rank: int, world: int, port: int, configs: dict, out_dir: str) -> None:
     codes = {"extractor": run_stage(stage_extractor.make_stage(), from_dict(configs["extractor"]), info),
              "cluster": run_cluster(from_dict(configs["cluster"]), info),
              "experts": run_stage(stage_experts.make_stage(), from_dict(configs["experts"]), info),
-             "experts_a": run_stage(stage_experts.make_stage(), from_dict(configs["experts_a"]), info)}
+             "experts_a": run_stage(stage_experts.make_stage(), from_dict(configs["experts_a"]), info),
+             "experts_p": run_stage(stage_experts.make_stage(), from_dict(configs["experts_p"]), info)}
     # resume: run B starts from A's step-2 checkpoint (the step level 2 starts at) and goes on to step 4
     a, b = Path(configs["experts_a"]["ckpt"]["dir"]), Path(configs["experts_b"]["ckpt"]["dir"])
     if rank == 0:

@@ -102,6 +102,10 @@ class TrainConfig:
     level_start_steps: list[int] = field(default_factory=list)
     # experts: step each level stops training (its LR schedule ends there, images stop going to it); [] = max_steps
     level_end_steps: list[int] = field(default_factory=list)
+    # experts: the last N of max_steps train the root alone once more, at a 60 dB loss floor, after every other
+    # level has ended: the fallback learns to leave near-clean images alone without changing what its children
+    # copied (0 = off; needs train.loss = "psnr" and a full, non-LoRA root)
+    root_polish_steps: int = 0
     # test hook: 1-based steps whose loss the spine replaces by NaN on the last rank (see train/stage.py)
     debug_nan_steps: list[int] = field(default_factory=list)
     channels_last: bool = False  # experts stage: experts and their images in channels_last (faster bf16 convs on CUDA)

@@ -2,10 +2,11 @@
 
 The per-rank micro batch stays as configured, so the global batch is `world × micro batch` (the spine
 runs one micro batch per step). Against `train.reference_batch` the run then keeps the number of
-*images* of the recipe: every step count (`max_steps`, `warmup_steps`, `level_start_steps`) is
-multiplied by reference / global and rounded up. The learning rates (`lr`, `min_lr`, `level_lrs`)
-follow `train.lr_scaling`: "sqrt" (× √(global / reference), the rule for Adam-type optimizers),
-"linear" (× global / reference, the SGD rule; with Adam it overshoots at large batches) or "none".
+*images* of the recipe: every step count (`max_steps`, `warmup_steps`, `level_start_steps`,
+`level_end_steps`, the start of the root's polish) is multiplied by reference / global and rounded up.
+The learning rates (`lr`, `min_lr`, `level_lrs`) follow `train.lr_scaling`: "sqrt" (× √(global /
+reference), the rule for Adam-type optimizers), "linear" (× global / reference, the SGD rule; with Adam
+it overshoots at large batches) or "none".
 `ckpt.every`, `log.every` and `log.val_every` stay in steps: a step takes about the same wall time at
 any world size, so they stay wall-clock cadences.
 
@@ -62,9 +63,12 @@ def scale_to_world(cfg: RunConfig, world: int, micro_batch: int) -> str:
             f"⌈{t.max_steps} × {t.reference_batch}/{global_batch}⌉ (the recipe's images)")
     t.lr, t.min_lr = t.lr * factor, t.min_lr * factor
     t.level_lrs = [lr * factor for lr in t.level_lrs]
+    polish_start = _steps(t.max_steps - t.root_polish_steps, t.reference_batch, global_batch)
     t.max_steps = steps
+    t.root_polish_steps = steps - polish_start if t.root_polish_steps else 0  # its start scaled as the ends are
     t.warmup_steps = _steps(t.warmup_steps, t.reference_batch, global_batch)
     t.level_start_steps = [_steps(s, t.reference_batch, global_batch) for s in t.level_start_steps]
+    t.level_end_steps = [_steps(s, t.reference_batch, global_batch) for s in t.level_end_steps]
     return line
 
 

@@ -11,6 +11,12 @@ parent's weights (broadcast from the parent's rank, so any placement works). Aft
 no more images (its experts stay as they are), so ending a level when the next starts spends every step
 on one level: each image then costs one expert pass instead of n_levels.
 
+The root's polish (`train.root_polish_steps` N > 0, PSNR loss): once every other level has ended, the last N
+steps train the root alone again, on a fresh warmup + cosine at its peak LR, with its loss floored at 60 dB
+instead of 50. The root is the fallback for what the tree does not know, so it must leave a near-clean photo
+as it is; its children copied it long before, and frozen they get no images and no LR, so they stay exactly
+as they were.
+
 LoRA tree (`model.lora_rank` r > 0, alpha `model.lora_alpha`; the paper's variant): the root is a full
 expert, every other node the root's frozen weights + a trainable rank-r LoRA on every conv. The root level
 must end no later than level 1 starts and `train.init_from_parent` must be on (`check_lora_tree`): at its
@@ -58,6 +64,10 @@ from unirestorer.train.tree_stage import (TreeModule, all_sum, check_placement, 
 # 22.8 without clean crops; 21.7 at 40 dB), so the finer experts, which restore what they were routed, earn
 # at most 40 dB (BENCHMARKS.md "Do no harm")
 PSNR_LOSS_FLOORS = (1e-5, 1e-4)
+# The root's floor in its polish (train.root_polish_steps): 60 dB. Trained at 60 dB from the start, the root is a
+# worse start for its children (demo haze 17.65 → 15.40 dB in one run); polished at 60 dB after they copied it, it stops turning a
+# 47 dB slightly blurred photo into a 46 dB one (BENCHMARKS.md "The root's polish")
+ROOT_POLISH_FLOOR = 1e-6
 
 
 def to_channels_last(module: torch.nn.Module, args: tuple) -> tuple:
@@ -69,35 +79,54 @@ def to_channels_last(module: torch.nn.Module, args: tuple) -> tuple:
 
 class LevelLR:
     """LR factor of a level: its warmup + schedule from `start` until `end`; a level that ends before the run
-    does gets 0 from there on (it is done). Plain numbers only: LambdaLR saves a callable object's
-    attributes in the checkpoint."""
+    does gets 0 from there on (it is done); from `again` to `again_end` it runs a second warmup + schedule (the
+    root's polish). Plain numbers only: LambdaLR saves a callable object's attributes in the checkpoint."""
 
-    def __init__(self, start: int, warmup: int, end: int, floor: float, schedule: str, stops: bool) -> None:
+    def __init__(self, start: int, warmup: int, end: int, floor: float, schedule: str, stops: bool,
+                 again: int = 0, again_end: int = 0) -> None:
         self.start, self.warmup, self.end, self.floor, self.schedule = start, warmup, end, floor, schedule
-        self.stops = stops
+        self.stops, self.again, self.again_end = stops, again, again_end  # again < again_end: a second window
 
     def __call__(self, step: int) -> float:
+        if self.again < self.again_end and step >= self.again:
+            return lr_lambda(self.again, self.warmup, self.again_end, self.floor, self.schedule)(step)
         if self.stops and step >= self.end:
             return 0.0
         return lr_lambda(self.start, self.warmup, self.end, self.floor, self.schedule)(step)
 
 
+def polish_start(cfg: RunConfig) -> int:
+    """The step the root's polish starts (train.max_steps without one)."""
+    return cfg.train.max_steps - cfg.train.root_polish_steps
+
+
 def level_schedule(cfg: RunConfig, n_levels: int) -> tuple[list[float], list[int], list[int]]:
     """Peak LR, start and end step per level, with the defaults of the module docstring, checked."""
     t = cfg.train
+    last = polish_start(cfg)  # the levels' own windows end by here
+    if not 0 <= t.root_polish_steps < t.max_steps:
+        raise ConfigError(f"train.root_polish_steps={t.root_polish_steps}: must lie in [0, train.max_steps="
+                          f"{t.max_steps})")
+    if t.root_polish_steps and t.loss != "psnr":
+        raise ConfigError(f"train.root_polish_steps={t.root_polish_steps} needs train.loss = \"psnr\" (the polish "
+                          f"raises the root's PSNR-loss floor), got {t.loss!r}")
     lrs = list(t.level_lrs) or [t.lr] * n_levels
-    starts = list(t.level_start_steps) or [round(l * t.max_steps / n_levels) for l in range(n_levels)]
-    ends = list(t.level_end_steps) or [t.max_steps] * n_levels
+    starts = list(t.level_start_steps) or [round(l * last / n_levels) for l in range(n_levels)]
+    ends = list(t.level_end_steps) or [last] * n_levels
     if not len(lrs) == len(starts) == len(ends) == n_levels:
         raise ConfigError(f"train.level_lrs {t.level_lrs} / level_start_steps {t.level_start_steps} / level_end_steps "
                           f"{t.level_end_steps} need one entry per tree level ({n_levels}) or none")
     if starts[0] != 0 or starts != sorted(starts):
         raise ConfigError(f"train.level_start_steps {starts}: the root starts at 0 and a level never before its "
                           f"parent level")
-    if any(e <= s for s, e in zip(starts, ends)) or max(ends) < t.max_steps:
+    if any(e <= s for s, e in zip(starts, ends)) or max(ends) < last:
         raise ConfigError(f"train.level_end_steps {ends}: every level must end after it starts ({starts}), and one "
-                          f"must train until train.max_steps={t.max_steps}")
-    if any(not any(s <= b < e for s, e in zip(starts, ends)) for b in starts + ends if b < t.max_steps):
+                          f"must train until train.max_steps={t.max_steps}"
+                          + (f" - train.root_polish_steps={t.root_polish_steps}" if t.root_polish_steps else ""))
+    if max(ends) > last:
+        raise ConfigError(f"train.level_end_steps {ends}: with train.root_polish_steps={t.root_polish_steps} every "
+                          f"level must end by step {last}, where the root's polish starts")
+    if any(not any(s <= b < e for s, e in zip(starts, ends)) for b in starts + ends if b < last):
         raise ConfigError(f"train.level_start_steps {starts} / level_end_steps {ends}: some steps train no level")
     return lrs, starts, ends
 
@@ -107,6 +136,9 @@ def check_lora_tree(cfg: RunConfig, starts: list[int], ends: list[int]) -> None:
     and only once it is final (its level ends no later than level 1 starts), or their bases would differ."""
     if not cfg.model.lora_rank:
         return
+    if cfg.train.root_polish_steps:
+        raise ConfigError(f"model.lora_rank={cfg.model.lora_rank}: train.root_polish_steps must be 0, since the root "
+                          f"is the frozen base of every LoRA node and must not change after they copied it")
     if not cfg.train.init_from_parent:
         raise ConfigError(f"model.lora_rank={cfg.model.lora_rank} needs train.init_from_parent = true: every LoRA "
                           f"node's frozen base is the root's weights, copied in when its level starts")
@@ -168,8 +200,10 @@ class ExpertsStage:
         self.micro_batch = ds["train_micro_batch_size_per_gpu"]
         groups = self.param_groups(module)
         floor = t.min_lr / t.lr if t.lr > 0 else 0.0
+        self.polish = polish_start(cfg)
         lambdas = [LevelLR(self.starts[g["level"]], t.warmup_steps, self.ends[g["level"]], floor, t.schedule,
-                           self.ends[g["level"]] < t.max_steps) for g in groups]
+                           self.ends[g["level"]] < t.max_steps, *((self.polish, t.max_steps) if g["level"] == 0 else ()))
+                   for g in groups]
         optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay,
                                       **optimizer_options(self.device))
         self.engine, *_ = deepspeed.initialize(
@@ -184,8 +218,10 @@ class ExpertsStage:
         CommTimer.enabled = True
         if dist_info.rank == 0:
             print(module.tree_moe.placement_report(factory, self.tree.counts.tolist()), file=sys.stderr, flush=True)
+            polish = (f"; the root alone again over [{self.polish}, {t.max_steps}] at a 60 dB floor"
+                      if self.polish < t.max_steps else "")
             print(f"[experts] levels train over steps {[list(se) for se in zip(self.starts, self.ends)]} at peak LR "
-                  f"{self.level_lrs}", file=sys.stderr, flush=True)
+                  f"{self.level_lrs}{polish}", file=sys.stderr, flush=True)
         self.weights = cfg.data.family_weights or None
         if self.weights is None and cfg.data.balance:
             self.weights = balanced_weights(self.tree, [set_task(s) for s in cfg.data.train_shards])
@@ -250,7 +286,8 @@ class ExpertsStage:
         param = next(module.tree_moe.parameters())
         lq, gt = batch["lq"].to(param.device, non_blocking=True), batch["gt"].to(param.device, non_blocking=True)
         paths = self.tree.path(module.extractor.embed(lq), check=False)  # [B, n_levels], oracle routes, fp32
-        levels = [l for l in sorted(self.started) if step < self.ends[l]]
+        polishing = step >= self.polish
+        levels = [0] if polishing else [l for l in sorted(self.started) if step < self.ends[l]]
         self.train_only(levels)
         nodes = paths[:, levels]
         out = self.engine(lq.to(param.dtype), nodes).float()  # [B, k, 3, H, W]
@@ -258,7 +295,8 @@ class ExpertsStage:
         if self.cfg.train.loss == "psnr":
             # [B, k]; minimising = max PSNR. The floor bounds what one image can earn: without it a clean image's
             # PSNR grows without limit as the output nears the input, and it rules the whole batch
-            floor = torch.tensor([PSNR_LOSS_FLOORS[min(level, 1)] for level in levels], device=diff.device)
+            floor = torch.tensor([ROOT_POLISH_FLOOR if polishing else PSNR_LOSS_FLOORS[min(level, 1)]
+                                  for level in levels], device=diff.device)
             per = 10 * torch.log10(diff.pow(2).flatten(2).mean(2) + floor)
         else:
             per = diff.abs().flatten(2).mean(2)
