@@ -9,8 +9,10 @@ shards, with the main job's recipe (`unirestorer.demo_stages.stage_configs`); on
     dense_inference              one expert, the tree's architecture and size, trained for as many steps
                                  as each tree level (so as each tree expert)
     dense_compute                the same expert trained for as many expert image-passes as the tree
+                                 (its root's polish included); the dense experts get no polish of their own:
+                                 they are the restorers compared, not a fallback
     lora_experts, lora_router    the LoRA tree: the same schedule, the root frozen once level 1 starts,
-                                 rank-8 LoRA on the root's convs for every other node
+                                 rank-8 LoRA on the root's convs for every other node (so no root polish)
 
 All runs share one 2-rank process group (gloo on CPU, NCCL with --gpus), so the launcher's start-up is
 paid once; each run's wall time is measured on rank 0 around its stage call.
@@ -40,24 +42,28 @@ BUNDLE_OF = {"tree": "router", "dense_inference": "dense_inference", "dense_comp
 def plan(base: dict[str, dict], ckpt: Path, seed: int) -> list[tuple[str, str, dict]]:
     """(run name, stage, config) in training order; `base` = the main job's four stage configs; every run
     seeded with `seed`."""
-    e = base["experts"]["train"]["max_steps"]
-    per_level = e // 3  # demo.stage_configs: three levels, one after the other, e // 3 steps each
+    tree_train = base["experts"]["train"]
+    e = tree_train["level_end_steps"][-1]  # demo.stage_configs: three levels, one after the other, then the polish
+    per_level = e // 3
     runs = [(name, name, base[name]) for name in ("extractor", "cluster", "experts", "router")]
 
     dense_tree = copy.deepcopy(base["cluster"])
     dense_tree["tree"] |= {"path": str(ckpt / "tree_dense"), "levels": [1]}
     runs.append(("cluster_dense", "cluster", dense_tree))
-    for name, steps in (("dense_inference", per_level), ("dense_compute", e)):
+    for name, steps in (("dense_inference", per_level), ("dense_compute", tree_train["max_steps"])):
         cfg = copy.deepcopy(base["experts"])
         cfg["tree"] |= {"path": str(ckpt / "tree_dense"), "levels": [1]}
-        cfg["train"] |= {"max_steps": steps, "level_start_steps": [0], "level_end_steps": [steps]}
+        cfg["train"] |= {"max_steps": steps, "level_start_steps": [0], "level_end_steps": [steps],
+                         "root_polish_steps": 0}
         cfg["ckpt"] |= {"dir": str(ckpt / name), "every": steps}
         cfg["log"] |= {"val_every": steps}
         runs.append((name, "experts", cfg))
 
     lora = copy.deepcopy(base["experts"])
     lora["model"] |= {"lora_rank": LORA_RANK, "lora_alpha": LORA_ALPHA}
-    lora["ckpt"] |= {"dir": str(ckpt / "lora_experts")}
+    lora["train"] |= {"max_steps": e, "root_polish_steps": 0}
+    lora["ckpt"] |= {"dir": str(ckpt / "lora_experts"), "every": e}
+    lora["log"] |= {"val_every": e}
     runs.append(("lora_experts", "experts", lora))
     router = copy.deepcopy(base["router"])
     router["model"] |= {"lora_rank": LORA_RANK, "lora_alpha": LORA_ALPHA}

@@ -16,6 +16,27 @@ DATA = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO / "bench"))
 
 
+def test_full_plan_configs_are_valid_and_share_the_trees_schedule(tmp_path):
+    """The default plan's step counts (a quick run is too short for the root's polish to exist)."""
+    from quality_runs import plan
+
+    from unirestorer.demo_data import FULL
+    from unirestorer.demo_stages import stage_configs
+    from unirestorer.train.config import from_dict
+    from unirestorer.train.stage_experts import check_lora_tree, level_schedule
+
+    runs = {name: (stage, from_dict(cfg)) for name, stage, cfg in
+            plan(stage_configs(tmp_path, ["s.tar"], ["v.tar"], FULL, 1.0), tmp_path / "ck", 3)}
+    for name, (stage, cfg) in runs.items():
+        if stage == "experts":  # what the stage checks first: every schedule must pass
+            check_lora_tree(cfg, *level_schedule(cfg, 1 if cfg.tree.levels == [1] else 3)[1:])
+            assert cfg.ckpt.every == cfg.log.val_every == cfg.train.max_steps, name
+    steps = {name: (cfg.train.max_steps, cfg.train.root_polish_steps) for name, (stage, cfg) in runs.items()
+             if stage == "experts"}
+    assert steps == {"experts": (1050, 150), "dense_inference": (300, 0), "dense_compute": (1050, 0),
+                     "lora_experts": (900, 0)}
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not (DATA / "test" / "CBSD68").is_dir(), reason="needs ../shared/data beside the repository")
 def test_quick_run_table_structure_conventions_and_costs(tmp_path):
