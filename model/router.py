@@ -37,7 +37,7 @@ class Route:
     e_g: Tensor | None = None  # [B, d] log-variance
     router_level: Tensor | None = None  # [B] t* before the support check (UniRestorer.route), where it ran
     support: Tensor | None = None  # [B, n_levels] distance to each path node's centroid / that node's radius
-    clean_leaf: Tensor | None = None  # [B] the clean leaf whose support capped the level, -1 where none did
+    clean_leaf: Tensor | None = None  # [B] the clean leaf that capped the level below the support check, or -1
 
 
 def _head(dim: int) -> nn.Sequential:

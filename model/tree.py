@@ -186,13 +186,37 @@ class DegradationTree:
         return radii.clamp_min(1e-6)
 
     def supported_depth(self, embeddings: Tensor, paths: Tensor) -> Tensor:
-        """[B] the deepest level l such that the embedding lies within the support radius of every node on
-        its path down to level l (0 at least: the root holds everything). Without radii: the leaf level."""
+        """[B] the deepest level l such that every node on the path down to level l holds the embedding (0 at
+        least: the root holds everything). A node holds what lies within its support radius, and what lies
+        past it as seen from the clean images (`beyond`). Without radii: the leaf level."""
         if self.radii is None:
             return torch.full((len(paths),), self.n_levels - 1, dtype=torch.long, device=paths.device)
-        inside = self.distances(embeddings, paths) <= self.radii.to(paths.device)[paths]
-        inside[:, 0] = True
-        return inside.long().cumprod(1).sum(1) - 1
+        held = self.distances(embeddings, paths) <= self.radii.to(paths.device)[paths]
+        held |= self.beyond(embeddings, paths)
+        held[:, 0] = True
+        return held.long().cumprod(1).sum(1) - 1
+
+    def beyond(self, embeddings: Tensor, paths: Tensor) -> Tensor:
+        """[B, n_levels] True where the embedding lies past the node's centroid on the ray from the clean leaf
+        nearest to that node, within the node's radius of the ray: the node's own degradation, heavier than
+        its members'. Its expert still restores such an image, which the root leaves as it is (the robustness
+        benchmark's heavy sets: routed 14.5 → 16.0 dB, BENCHMARKS.md). Outside the support on the clean side
+        (milder than trained) or off the ray (another family) is not held. All False without radii or a
+        clean leaf."""
+        held = torch.zeros(paths.shape, dtype=torch.bool, device=paths.device)
+        cleans = self.clean_leaves()
+        if self.radii is None or not len(cleans):
+            return held
+        x = embeddings.detach().float()
+        cent = self.centroids.to(x.device).float()
+        nearest_clean = cleans.to(x.device)[torch.cdist(cent, cent[cleans.to(x.device)]).argmin(1)]
+        anchor = cent[nearest_clean[paths]]  # [B, n_levels, d]
+        axis = cent[paths] - anchor
+        length = axis.norm(dim=-1)
+        v = x[:, None] - anchor
+        along = (v * axis).sum(-1) / length.clamp_min(1e-12)
+        across = (v.pow(2).sum(-1) - along.pow(2)).clamp_min(0).sqrt()
+        return (length > 0) & (along > length) & (across <= self.radii.to(x.device)[paths])
 
     def clean_leaves(self) -> Tensor:
         """Global ids of the leaves whose majority task is "clean" (empty when no clean task was labelled)."""

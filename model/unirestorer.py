@@ -52,12 +52,12 @@ def fall_back(route: Route, embedding: Tensor, tree: DegradationTree, leaf_paths
         return route
     paths = leaf_paths[route.leaf]
     clean_depth, clean_leaf = tree.clean_claim(embedding, paths)
-    depth = torch.minimum(tree.supported_depth(embedding, paths), clean_depth)
+    supported = tree.supported_depth(embedding, paths)
+    depth = torch.minimum(supported, clean_depth)
     if task_index is not None:
         depth = torch.where(task_index >= 0, tree.n_levels - 1, depth)
-        clean_leaf = torch.where(task_index >= 0, -1, clean_leaf)
     level = torch.minimum(route.level, depth)
-    route.clean_leaf = torch.where(level < route.level, clean_leaf, -1)
+    route.clean_leaf = torch.where((level < route.level) & (clean_depth < supported), clean_leaf, -1)
     route.router_level, route.level = route.level, level
     route.node = paths.gather(1, level[:, None]).squeeze(1)
     route.support = tree.distances(embedding, paths) / tree.radii.to(paths.device)[paths]
@@ -177,7 +177,7 @@ class UniRestorer(nn.Module):
         if route.router_level is not None and int(route.router_level[i]) > out["level"]:
             path = self.router.leaf_paths[int(route.leaf[i])].tolist()
             outside, clean = path[out["level"] + 1], int(route.clean_leaf[i]) if route.clean_leaf is not None else -1
-            if out["support"][out["level"] + 1] > 1.0 or clean < 0:
+            if clean < 0:
                 why = (f"the image lies outside the training support of node {outside} "
                        f"({out['support'][out['level'] + 1]:.2f}x its radius)")
             else:
