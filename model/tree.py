@@ -28,7 +28,11 @@ from unirestorer.model.kmeans import CHUNK, AutoK, auto_k, check_finite, kmeans,
 from unirestorer.safe_files import atomic_path, atomic_write, ensure_dir
 
 KSpec = Sequence[int | Sequence[int] | AutoK | None]  # one entry per level, see the module docstring
-SUPPORT_QUANTILE = 0.99  # a node holds the embeddings within the distance 99 % of its training members lie
+SUPPORT_QUANTILE = 0.99  # a node's support radius: the distance within which 99 % of its training members lie
+# A node's expert is trusted only in the inner part of its support: in its outer shell lie the other families' images
+# nearest to it, which it harms (demo, val photos: past 0.7 of the radius the experts' mean gain falls to ~0 dB and
+# one image in ten loses more than 0.5 dB; BENCHMARKS.md "The trusted core")
+TRUSTED_FRACTION = 0.7
 
 
 def _split_total(total: int, counts: list[int], level: int) -> list[int]:
@@ -187,11 +191,11 @@ class DegradationTree:
 
     def supported_depth(self, embeddings: Tensor, paths: Tensor) -> Tensor:
         """[B] the deepest level l such that every node on the path down to level l holds the embedding (0 at
-        least: the root holds everything). A node holds what lies within its support radius, and what lies
-        past it as seen from the clean images (`beyond`). Without radii: the leaf level."""
+        least: the root holds everything). A node holds what lies within TRUSTED_FRACTION of its support
+        radius, and what lies past it as seen from the clean images (`beyond`). Without radii: the leaf level."""
         if self.radii is None:
             return torch.full((len(paths),), self.n_levels - 1, dtype=torch.long, device=paths.device)
-        held = self.distances(embeddings, paths) <= self.radii.to(paths.device)[paths]
+        held = self.distances(embeddings, paths) <= TRUSTED_FRACTION * self.radii.to(paths.device)[paths]
         held |= self.beyond(embeddings, paths)
         held[:, 0] = True
         return held.long().cumprod(1).sum(1) - 1

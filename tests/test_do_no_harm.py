@@ -15,7 +15,7 @@ from conftest import TINY_EXPERT, TINY_EXTRACTOR
 from unirestorer.model.experts import create_expert
 from unirestorer.model.extractor import DegradationExtractor
 from unirestorer.model.router import Router, image_psnr
-from unirestorer.model.tree import DegradationTree
+from unirestorer.model.tree import TRUSTED_FRACTION, DegradationTree
 from unirestorer.model.unirestorer import UniRestorer, dispatch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -109,7 +109,7 @@ def test_an_unseen_family_falls_back_to_a_coarser_level(trained: tuple[UniRestor
     unseen = trained.restore(dark)[1]
     unseen_levels = torch.tensor([r["level"] for r in unseen], dtype=torch.float)
     assert unseen_levels.mean() < seen_levels.mean(), (seen_levels.tolist(), unseen_levels.tolist())
-    assert all(r["support"][1] > 1.0 for r in unseen if r["level"] == 0 and r["router_level"] > 0)
+    assert all(r["support"][1] > TRUSTED_FRACTION for r in unseen if r["level"] == 0 and r["router_level"] > 0)
     with torch.no_grad():  # the fallback is what the root does: exactly its output
         root = dispatch(dark, torch.zeros(len(dark), dtype=torch.long), trained._pool())
     fell = [i for i, r in enumerate(unseen) if r["level"] == 0]

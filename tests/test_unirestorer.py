@@ -11,7 +11,7 @@ from unirestorer.model.experts import create_expert
 from unirestorer.model.extractor import DegradationExtractor
 from unirestorer.model.lora import init_child_from_parent
 from unirestorer.model.router import Router, image_psnr, task_subtrees
-from unirestorer.model.tree import DegradationTree
+from unirestorer.model.tree import TRUSTED_FRACTION, DegradationTree
 from unirestorer.model.unirestorer import UniRestorer, dispatch
 
 SPEC = {"name": "nafnet", "preset": "tiny"}
@@ -265,18 +265,20 @@ def test_support_check_falls_back_to_the_deepest_node_that_holds_the_image():
     for node in range(1, tree.n_nodes):  # each radius is the 99th percentile of its members' distances
         members = d[paths[:, tree.level_of(node)] == node, tree.level_of(node)]
         assert tree.radii[node].item() == pytest.approx(members.quantile(0.99).item(), rel=1e-5)
-    inside = (d <= tree.radii[paths]).all(1)
-    assert inside.float().mean() > 0.9  # nearly all training points lie in the support of their whole path
+    assert (d <= tree.radii[paths]).all(1).float().mean() > 0.9  # nearly all lie in their whole path's support
+    inside = (d <= TRUSTED_FRACTION * tree.radii[paths]).all(1)  # the trusted core of every node on the path
     assert tree.supported_depth(e, paths)[inside].tolist() == [2] * int(inside.sum())
+    shell = (d[:, 2] > TRUSTED_FRACTION * tree.radii[paths[:, 2]]) & ~tree.beyond(e, paths)[:, 2]
+    assert shell.any() and (tree.supported_depth(e, paths)[shell] < 2).all()  # the leaf's outer shell: not held
 
     model.router.g_g.bias.data[:] = torch.tensor([-5.0, -5.0, 5.0, 0.0, 0.0, 0.0])  # the router always picks leaves
     leaf_of = model.router.leaf_paths
     far = model.restore_route(torch.full((1, 3, 16, 16), 0.97))  # bright and flat: like nothing in training
     assert far["router_level"] == 2 and far["level"] == 0 and far["node"] == 0
-    assert "fallback" in far and "outside the training support of node" in far["fallback"]
+    assert "fallback" in far and "outside the trusted support of node" in far["fallback"]
     assert far["support"][1] > 1.0
     own = model.router.route(e).leaf + tree.level_starts[-1] == paths[:, -1]  # the router picked its own leaf
-    i = int((own & inside).nonzero()[0])
+    i = int((own & (tree.supported_depth(e, paths) == 2)).nonzero()[0])  # held by every node on its path
     near = model.restore_route(x[i : i + 1])
     assert near["router_level"] == near["level"] == 2 and "fallback" not in near
     assert near["node"] == int(leaf_of[near["leaf"] - tree.level_starts[-1], 2])
