@@ -1,15 +1,16 @@
 """How far from a node's centroid does its expert still help? `python bench/trusted_core.py BUNDLE --photos DIR`
 
-The support check trusts a node's expert within TRUSTED_FRACTION of its support radius (model/tree.py).
+The support check trusts a type node's expert (level 1) within TRUSTED_FRACTION of its support radius and a
+finer node's within all of it (model/tree.py).
 This benchmark measures where that line belongs for one bundle, on validation photos (never the test
 sets): random crops of each photo, degraded with every task of the bundle's tree at its training ranges
 (clean crops as they are; tasks of a tree's own data, which the library cannot synthesise, are left out).
 Every non-root expert restores every crop; each (crop, node) pair falls in a bin of distance to the
-node's centroid / the node's radius. Per bin: the number of pairs, the share whose output is worse than
-the input by more than HARM_DB (harm), and the mean gain over the input, for all tasks and without the
-clean crops (which the clean check guards). Both columns are what a node's expert does to the images
-that lie at that distance from it, whatever their family: its own near the centre, the other families'
-nearest images in its outer shell.
+node's centroid / the node's radius. Per bin, for the type nodes (level 1) and the finer ones apart: the
+number of pairs, the share whose output is worse than the input by more than HARM_DB (harm), and the mean
+gain over the input, for all tasks and without the clean crops (which the clean check guards). That is
+what a node's expert does to the images at that distance from it, whatever their family: its own near
+the centre, the other families' nearest images in its outer shell.
 
 For the demo: `python bench/trusted_core.py runs/demo/bundle --photos runs/demo/photos/val` (~5 min on 2
 cores). Metrics: RGB, float, PSNR capped at 50 dB.
@@ -76,12 +77,12 @@ def measure(model, lqs: list[np.ndarray], gts: list[np.ndarray]) -> tuple[np.nda
     return ratio, gain
 
 
-def bins(ratio: np.ndarray, gain: np.ndarray, keep: np.ndarray) -> list[dict]:
-    """Per distance bin, over the non-root nodes and the crops in `keep`: pairs, harm rate, mean gain."""
+def bins(ratio: np.ndarray, gain: np.ndarray, keep: np.ndarray, nodes: list[int]) -> list[dict]:
+    """Per distance bin, over `nodes` and the crops in `keep`: pairs, harm rate, mean gain."""
     rows = []
     for lo, hi in zip(EDGES[:-1], EDGES[1:]):
-        inside = (ratio[:, 1:] > lo) & (ratio[:, 1:] <= hi) & keep[:, None]
-        g = gain[:, 1:][inside]
+        inside = (ratio[:, nodes] > lo) & (ratio[:, nodes] <= hi) & keep[:, None]
+        g = gain[:, nodes][inside]
         rows.append({"from": lo, "to": hi, "pairs": int(inside.sum()),
                      "harm": float(np.mean(g < -HARM_DB)) if len(g) else None,
                      "gain": float(g.mean()) if len(g) else None})
@@ -120,19 +121,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     ratio, gain = measure(model, lqs, gts)
+    tree, every, trained = model.tree, np.ones(len(lqs), bool), np.array(names) != "clean"
+    groups = {"type": [n for n in range(1, tree.n_nodes) if tree.level_of(n) == 1],
+              "finer": [n for n in range(1, tree.n_nodes) if tree.level_of(n) > 1]}
     doc = {"bundle": str(args.bundle), "photos": str(args.photos), "tasks": tasks, "crops": len(lqs), "harm_db": HARM_DB,
-           "trusted_fraction": TRUSTED_FRACTION, "all": bins(ratio, gain, np.ones(len(lqs), bool)),
-           "without_clean": bins(ratio, gain, np.array(names) != "clean")}
+           "trusted_fraction": TRUSTED_FRACTION,
+           **{g: {"nodes": nodes, "all": bins(ratio, gain, every, nodes), "without_clean": bins(ratio, gain, trained, nodes)}
+              for g, nodes in groups.items() if nodes}}
     if args.json:
         print(json.dumps(doc, indent=1))
         return 0
-    print("| distance / radius | pairs | harm | mean gain (dB) | pairs, no clean | harm, no clean | mean gain, no clean |")
-    print("|---|---|---|---|---|---|---|")
-    for a, c in zip(doc["all"], doc["without_clean"]):
-        print(f"| ({a['from']:.1f}, {a['to']:.1f}] | {a['pairs']} | {cell(a['harm'], '{:.1%}')} | "
-              f"{cell(a['gain'], '{:+.2f}')} | {c['pairs']} | {cell(c['harm'], '{:.1%}')} | {cell(c['gain'], '{:+.2f}')} |")
+    print("| nodes | distance / radius | pairs | harm | mean gain (dB) | pairs, no clean | harm, no clean | mean gain, no clean |")
+    print("|---|---|---|---|---|---|---|---|")
+    for g, label in (("type", "type (level 1)"), ("finer", "finer")):
+        for a, c in zip(doc[g]["all"], doc[g]["without_clean"]) if g in doc else ():
+            print(f"| {label} | ({a['from']:.1f}, {a['to']:.1f}] | {a['pairs']} | {cell(a['harm'], '{:.1%}')} | "
+                  f"{cell(a['gain'], '{:+.2f}')} | {c['pairs']} | {cell(c['harm'], '{:.1%}')} | {cell(c['gain'], '{:+.2f}')} |")
     print(f"\n{len(lqs)} crops of {args.crop} px from {args.photos}, every non-root node of {args.bundle}; harm = output "
-          f"< input - {HARM_DB} dB. The support check trusts a node within {TRUSTED_FRACTION} of its radius.")
+          f"< input - {HARM_DB} dB. The support check trusts a type node within {TRUSTED_FRACTION} of its radius, a finer "
+          "node within all of it.")
     return 0
 
 

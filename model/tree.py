@@ -29,9 +29,10 @@ from unirestorer.safe_files import atomic_path, atomic_write, ensure_dir
 
 KSpec = Sequence[int | Sequence[int] | AutoK | None]  # one entry per level, see the module docstring
 SUPPORT_QUANTILE = 0.99  # a node's support radius: the distance within which 99 % of its training members lie
-# A node's expert is trusted only in the inner part of its support: in its outer shell lie the other families' images
-# nearest to it, which it harms (demo, val photos: past 0.7 of the radius the experts' mean gain falls to ~0 dB and
-# one image in ten loses more than 0.5 dB; BENCHMARKS.md "The trusted core")
+# A type node (level 1) is trusted only within this share of its radius: its outer shell is where the other families'
+# images nearest to it lie, and its expert harms them (demo, validation photos: past 0.7 the type experts' mean gain
+# turns negative and 16-32 % of the images lose > 0.5 dB, while a leaf still gains +1.3 dB at its edge; BENCHMARKS.md
+# "The trusted core"). Deeper nodes hold their whole support: their parent has vouched for the family.
 TRUSTED_FRACTION = 0.7
 
 
@@ -191,14 +192,22 @@ class DegradationTree:
 
     def supported_depth(self, embeddings: Tensor, paths: Tensor) -> Tensor:
         """[B] the deepest level l such that every node on the path down to level l holds the embedding (0 at
-        least: the root holds everything). A node holds what lies within TRUSTED_FRACTION of its support
-        radius, and what lies past it as seen from the clean images (`beyond`). Without radii: the leaf level."""
+        least: the root holds everything). A node holds what lies within its trusted radius, and what lies past
+        it as seen from the clean images (`beyond`). Without radii: the leaf level."""
         if self.radii is None:
             return torch.full((len(paths),), self.n_levels - 1, dtype=torch.long, device=paths.device)
-        held = self.distances(embeddings, paths) <= TRUSTED_FRACTION * self.radii.to(paths.device)[paths]
+        held = self.distances(embeddings, paths) <= self.trusted_radii().to(paths.device)[paths]
         held |= self.beyond(embeddings, paths)
         held[:, 0] = True
         return held.long().cumprod(1).sum(1) - 1
+
+    def trusted_fraction(self, node_id: int) -> float:
+        """The share of a node's support radius within which the support check trusts its expert."""
+        return TRUSTED_FRACTION if self.level_of(node_id) == 1 else 1.0
+
+    def trusted_radii(self) -> Tensor:
+        """[n_nodes] each node's radius times its trusted fraction (requires radii)."""
+        return self.radii * torch.tensor([self.trusted_fraction(n) for n in range(self.n_nodes)])
 
     def beyond(self, embeddings: Tensor, paths: Tensor) -> Tensor:
         """[B, n_levels] True where the embedding lies past the node's centroid on the ray from the clean leaf

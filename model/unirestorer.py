@@ -28,7 +28,7 @@ from .experts import create_expert
 from .extractor import DegradationExtractor
 from .lora import add_lora, has_lora, lora_settings, lora_state_dict
 from .router import Route, Router, TaskArg, best_level, gate, image_psnr
-from .tree import TRUSTED_FRACTION, DegradationTree
+from .tree import DegradationTree
 
 WEIGHTS, CONFIG = "weights.safetensors", "bundle.json"
 
@@ -178,8 +178,10 @@ class UniRestorer(nn.Module):
             path = self.router.leaf_paths[int(route.leaf[i])].tolist()
             outside, clean = path[out["level"] + 1], int(route.clean_leaf[i]) if route.clean_leaf is not None else -1
             if clean < 0:
-                why = (f"the image lies outside the trusted support of node {outside} "
-                       f"({out['support'][out['level'] + 1]:.2f}x its radius; trusted within {TRUSTED_FRACTION}x)")
+                trusted = self.tree.trusted_fraction(outside)
+                why = (f"the image lies outside the {'trusted' if trusted < 1 else 'training'} support of node "
+                       f"{outside} ({out['support'][out['level'] + 1]:.2f}x its radius"
+                       f"{f'; trusted within {trusted}x' if trusted < 1 else ''})")
             else:
                 why = f"the image lies inside the training support of clean node {clean} (it may be clean)"
             out["fallback"] = (f"router chose level {int(route.router_level[i])}; {why}, so level {out['level']} "

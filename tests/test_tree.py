@@ -261,19 +261,20 @@ def test_a_node_holds_what_lies_past_it_as_seen_from_the_clean_leaf():
     within its radius of it is the node's degradation, heavier than trained, and held; outside the support on
     the clean side (milder) or off the ray (another family) is not. Without a clean leaf nothing is."""
     tree = hand_tree(["noise", "clean", "haze"])
-    path = torch.tensor([[0, 2, 6]] * 5)
+    path = torch.tensor([[0, 2, 6]] * 6)
     points = torch.tensor([[8.0, -1.0],  # on the ray past leaf 6, outside every radius but the root's: held
                            [8.0, 1.5],  # past both, 2.5 off the leaf's ray (radius 1), 1.16 off node 2's (radius 3)
                            [4.0, -0.5],  # short of leaf 6, outside it; in the trusted core of node 2 (0.37 r)
                            [1.0, -1.0],  # short of both, outside both
-                           [2.5, 0.0]])  # short of node 2, inside its radius but in the outer shell (0.83 r)
+                           [2.5, 0.0],  # short of type node 2, inside its radius but in its outer shell (0.83 r)
+                           [6.0, -0.2]])  # past node 2 (held), in leaf 6's outer shell (0.8 r), not past it: held
     assert (tree.distances(points, path)[:, 1:] > tree.radii[path][:, 1:]).tolist() == [
-        [True, True], [True, True], [False, True], [True, True], [False, True]]
+        [True, True], [True, True], [False, True], [True, True], [False, True], [False, False]]
     assert tree.beyond(points, path)[:, 1:].tolist() == [[True, True], [True, False], [False, False], [False, False],
-                                                         [False, False]]
-    assert tree.supported_depth(points, path).tolist() == [2, 1, 1, 0, 0]
+                                                         [False, False], [True, False]]
+    assert tree.supported_depth(points, path).tolist() == [2, 1, 1, 0, 0, 2]
     no_clean = hand_tree(["noise", "rain", "haze"])
     assert not no_clean.beyond(points, path).any()
-    assert no_clean.supported_depth(points, path).tolist() == [0, 0, 1, 0, 0]
+    assert no_clean.supported_depth(points, path).tolist() == [0, 0, 1, 0, 0, 2]
     own = torch.tensor([[0, 1, 4]])  # the clean leaf itself holds nothing past it: it has no ray
     assert tree.beyond(torch.tensor([[-1.0, -1.0]]), own)[0, 2].item() is False

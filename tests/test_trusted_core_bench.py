@@ -19,15 +19,17 @@ from trusted_core import bins  # noqa: E402
 def test_bins_count_harm_and_gain_per_distance_band_without_the_root() -> None:
     ratio = np.array([[0.1, 0.3, 0.95], [0.1, 0.45, 2.0], [0.1, 0.35, 0.85]])  # column 0: the root, never binned
     gain = np.array([[-9.0, 2.0, -1.0], [-9.0, -0.6, 5.0], [-9.0, 4.0, 0.2]])
-    rows = {(r["from"], r["to"]): r for r in bins(ratio, gain, np.ones(3, bool))}
+    rows = {(r["from"], r["to"]): r for r in bins(ratio, gain, np.ones(3, bool), [1, 2])}
     assert rows[(0.0, 0.4)] == {"from": 0.0, "to": 0.4, "pairs": 2, "harm": 0.0, "gain": 3.0}
     assert rows[(0.4, 0.5)]["pairs"] == 1 and rows[(0.4, 0.5)]["harm"] == 1.0 and rows[(0.4, 0.5)]["gain"] == -0.6
     assert rows[(0.9, 1.0)] == {"from": 0.9, "to": 1.0, "pairs": 1, "harm": 1.0, "gain": -1.0}
     assert rows[(0.8, 0.9)]["gain"] == pytest.approx(0.2) and rows[(0.8, 0.9)]["harm"] == 0.0
     assert rows[(0.5, 0.6)] == {"from": 0.5, "to": 0.6, "pairs": 0, "harm": None, "gain": None}
     assert sum(r["pairs"] for r in rows.values()) == 5  # 2.0 lies outside every band
-    kept = {(r["from"], r["to"]): r for r in bins(ratio, gain, np.array([True, False, True]))}
+    kept = {(r["from"], r["to"]): r for r in bins(ratio, gain, np.array([True, False, True]), [1, 2])}
     assert kept[(0.4, 0.5)]["pairs"] == 0 and kept[(0.0, 0.4)]["pairs"] == 2
+    node_2 = {(r["from"], r["to"]): r for r in bins(ratio, gain, np.ones(3, bool), [2])}
+    assert node_2[(0.8, 0.9)]["pairs"] == node_2[(0.9, 1.0)]["pairs"] == 1 and node_2[(0.0, 0.4)]["pairs"] == 0
 
 
 def test_the_bundle_is_measured_on_every_synthetic_task_of_its_tree(tiny_bundle: str, tmp_path: Path) -> None:
@@ -45,10 +47,12 @@ def test_the_bundle_is_measured_on_every_synthetic_task_of_its_tree(tiny_bundle:
     doc = json.loads(proc.stdout)
     assert doc["tasks"] == ["noise"]  # the tiny tree's "dark" is no task of the degradation library
     assert doc["crops"] == 2 * 1 * 2 and doc["trusted_fraction"] == 0.7
-    assert [r["from"] for r in doc["all"]] == [0.0, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
-    assert doc["all"] == doc["without_clean"]  # no clean task in this tree
-    for r in doc["all"]:
-        assert r["pairs"] == 0 or (0.0 <= r["harm"] <= 1.0 and np.isfinite(r["gain"]))
+    assert doc["type"]["nodes"] == [1, 2] and doc["finer"]["nodes"] == [3, 4, 5, 6]  # the tiny tree [1, 2, 4]
+    for group in ("type", "finer"):
+        assert [r["from"] for r in doc[group]["all"]] == [0.0, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+        assert doc[group]["all"] == doc[group]["without_clean"]  # no clean task in this tree
+        for r in doc[group]["all"]:
+            assert r["pairs"] == 0 or (0.0 <= r["harm"] <= 1.0 and np.isfinite(r["gain"]))
 
     empty = tmp_path / "empty"
     empty.mkdir()

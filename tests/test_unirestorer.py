@@ -266,16 +266,18 @@ def test_support_check_falls_back_to_the_deepest_node_that_holds_the_image():
         members = d[paths[:, tree.level_of(node)] == node, tree.level_of(node)]
         assert tree.radii[node].item() == pytest.approx(members.quantile(0.99).item(), rel=1e-5)
     assert (d <= tree.radii[paths]).all(1).float().mean() > 0.9  # nearly all lie in their whole path's support
-    inside = (d <= TRUSTED_FRACTION * tree.radii[paths]).all(1)  # the trusted core of every node on the path
+    assert [tree.trusted_fraction(n) for n in range(tree.n_nodes)] == [1.0] + [TRUSTED_FRACTION] * 2 + [1.0] * 4
+    inside = (d <= tree.trusted_radii()[paths]).all(1)  # a type node's trusted core, the whole support below it
     assert tree.supported_depth(e, paths)[inside].tolist() == [2] * int(inside.sum())
-    shell = (d[:, 2] > TRUSTED_FRACTION * tree.radii[paths[:, 2]]) & ~tree.beyond(e, paths)[:, 2]
-    assert shell.any() and (tree.supported_depth(e, paths)[shell] < 2).all()  # the leaf's outer shell: not held
+    shell = (d[:, 1] > TRUSTED_FRACTION * tree.radii[paths[:, 1]]) & ~tree.beyond(e, paths)[:, 1]
+    assert shell.any() and (tree.supported_depth(e, paths)[shell] == 0).all()  # a type node's outer shell: the root
 
     model.router.g_g.bias.data[:] = torch.tensor([-5.0, -5.0, 5.0, 0.0, 0.0, 0.0])  # the router always picks leaves
     leaf_of = model.router.leaf_paths
     far = model.restore_route(torch.full((1, 3, 16, 16), 0.97))  # bright and flat: like nothing in training
     assert far["router_level"] == 2 and far["level"] == 0 and far["node"] == 0
     assert "fallback" in far and "outside the trusted support of node" in far["fallback"]
+    assert f"trusted within {TRUSTED_FRACTION}x" in far["fallback"]
     assert far["support"][1] > 1.0
     own = model.router.route(e).leaf + tree.level_starts[-1] == paths[:, -1]  # the router picked its own leaf
     i = int((own & (tree.supported_depth(e, paths) == 2)).nonzero()[0])  # held by every node on its path
