@@ -259,7 +259,8 @@ def test_a_clean_leaf_caps_the_level_at_its_common_ancestor_with_the_path():
 def test_a_node_holds_what_lies_past_it_as_seen_from_the_clean_leaf():
     """Leaf 6 (6, -1) and its parent 2 (5, 0) seen from the clean leaf 4 (-4, -1): past a node on that ray and
     within its radius of it is the node's degradation, heavier than trained, and held; outside the support on
-    the clean side (milder) or off the ray (another family) is not. Without a clean leaf nothing is."""
+    the clean side (milder) or off the ray (another family) is not. Without a clean leaf nothing is. A type node
+    (level 1) holds by its radius only its trusted core (TRUSTED_FRACTION of it), a leaf all of its radius."""
     tree = hand_tree(["noise", "clean", "haze"])
     path = torch.tensor([[0, 2, 6]] * 6)
     points = torch.tensor([[8.0, -1.0],  # on the ray past leaf 6, outside every radius but the root's: held

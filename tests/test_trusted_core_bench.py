@@ -16,8 +16,8 @@ sys.path.insert(0, str(REPO / "bench"))
 from trusted_core import bins  # noqa: E402
 
 
-def test_bins_count_harm_and_gain_per_distance_band_without_the_root() -> None:
-    ratio = np.array([[0.1, 0.3, 0.95], [0.1, 0.45, 2.0], [0.1, 0.35, 0.85]])  # column 0: the root, never binned
+def test_bins_count_harm_and_gain_per_distance_band_over_the_nodes_given() -> None:
+    ratio = np.array([[0.1, 0.3, 0.95], [0.1, 0.45, 2.0], [0.1, 0.35, 0.85]])  # column 0: the root, not among the nodes given
     gain = np.array([[-9.0, 2.0, -1.0], [-9.0, -0.6, 5.0], [-9.0, 4.0, 0.2]])
     rows = {(r["from"], r["to"]): r for r in bins(ratio, gain, np.ones(3, bool), [1, 2])}
     assert rows[(0.0, 0.4)] == {"from": 0.0, "to": 0.4, "pairs": 2, "harm": 0.0, "gain": 3.0}
