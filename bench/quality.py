@@ -11,7 +11,8 @@ low-light pairs. Testing (nothing of it trained on): CBSD68 at σ 15/25/50, Rain
 another rain generator: a shift), LOL eval15 (real), Kodak24 with synthetic blur, haze, a mixture seen in
 training and one never mixed in training. Rows: the tree (routed, root-only, leaf-only, oracle), dense
 experts of equal inference cost and of equal training compute, the LoRA tree, the input and the
-classical floor (BM3D for noise, dark channel prior for haze).
+classical floor (BM3D for noise, dark channel prior for haze). Every bundle is calibrated after export, as the
+demo's is (`unirestorer calibrate`, model/calibration.py), so "routed" is what `restore` gives.
 
 `--budget-minutes M` scales every training stage's steps by (M - 14) / 24: the default plan (M = 38) took
 37.9 and 37.1 min (seeds 0, 1) on 2 idle CPU cores, of which about 14 min data, start-up and evaluation,
@@ -258,11 +259,13 @@ def main(argv: list[str] | None = None) -> int:
             cfg.setdefault(section, {})[key] = value
     seconds = train_all(runs, out, args.gpus)
 
+    from unirestorer.train.calibrate import calibrate
     from unirestorer.train.export import export
 
     bundles = {}
     for model, run in BUNDLE_OF.items():
         export(out / "checkpoints" / run, out / "bundles" / model)
+        calibrate(out / "bundles" / model, samples=sizes.cluster_samples)  # as the demo does: restore's fallback
         bundles[model] = out / "bundles" / model
     sets = test_sets(args.quick)
     denoiser = "nlmeans" if args.quick else "auto"

@@ -15,7 +15,7 @@ Synthetic sets take centre crops of Kodak24 and CBSD68 images, degraded with rng
 
 Per set, one row: input, the classical floor (BM3D with σ estimated for noise images, the dark channel
 prior for haze images, the input itself where no classical method exists), root expert alone, leaf alone,
-the router's own level, routed (after the support check, what `restore` outputs), oracle (best node on the
+the router's own level, routed (after the fallback checks, what `restore` outputs), oracle (best node on the
 path), the harm rate (share of images where routed < input - 0.5 dB) and the routed-level histogram.
 Metrics: RGB, float, crop to a multiple of 16 (PromptIR convention), PSNR capped at 50 dB (the clean
 set's input equals its ground truth). Side-by-side grids of each set's worst
@@ -94,7 +94,7 @@ def markdown(rows: dict[str, dict], bundle: str) -> str:
     lines.append("| **mean** | | " + " | ".join(f"{means[c]:.2f}" for c in COLUMNS) + " | | | | |")
     lines += ["", f"Bundle {bundle}. PSNR (dB), RGB, float, crop to a multiple of 16. classical = BM3D (σ estimated) "
               "on noise images, dark channel prior on haze images, the input elsewhere; PSNR capped at 50 dB; router = the router's own "
-              "level, routed = after the support check (what `restore` writes); harm = share of images with "
+              "level, routed = after the fallback checks (what `restore` writes); harm = share of images with "
               f"routed (or leaf) < input - {HARM_DB} dB."]
     return "\n".join(lines)
 

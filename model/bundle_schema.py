@@ -7,7 +7,9 @@ keyword parameters of the constructor that rebuilds it (names, annotated types, 
 plain JSON values of bounded size, and a backbone that is a timm model name known locally. Free-form
 content is accepted only where named (`FREE_FORM`), and the extractor's optional `families` list.
 An expert of a LoRA tree also has `"lora": {"rank": int >= 1, "alpha": float > 0, "base": node}`, its base a
-plain expert (no `lora`) of the same spec whose weights it is rebuilt on.
+plain expert (no `lora`) of the same spec whose weights it is rebuilt on. An optional `calibration` object
+(`samples`, `k`, `harm_share`, `min_members`, and the `shards` it was measured on) names the bank in
+calibration.safetensors (model/calibration.py), whose tensors are checked as the weights are.
 
 Sizes are bounded before anything is built: integers in [1, 65536] (fields named `*blocks` may be 0,
 and `*blocks`, `*heads`, `*crops` are at most 64), at most 1024 tree nodes, bundle.json at most 16 MiB
@@ -40,6 +42,8 @@ from torch import Tensor
 BUNDLE_FORMAT = "unirestorer-bundle/1"
 REQUIRED = ("format", "extractor", "router", "experts", "tree")
 FREE_FORM = ("source", "training_config")  # provenance written by export; never passed to a constructor
+OPTIONAL = ("calibration",)  # written by `unirestorer calibrate` (its tensors: calibration.safetensors)
+CALIBRATION_KEYS = {"samples": int, "k": int, "harm_share": float, "min_members": int, "shards": list[str]}
 EXTRACTOR_EXTRAS = {"families": list[str]}  # optional keys the extractor config may carry beyond its kwargs
 TREE_KEYS = {"level_sizes": list[int], "parents": list[int], "counts": list[int], "task_names": list[str],
              "task_counts": list[list[int]], "radii": list[float],
@@ -146,9 +150,10 @@ def check_config(config: Any, source: str, build_extractor: Callable[..., Any] |
 
     if not isinstance(config, dict):
         raise BundleError(f"{source}: expected a JSON object at the top level")
-    unknown = sorted(set(config) - set(REQUIRED) - set(FREE_FORM))
+    unknown = sorted(set(config) - set(REQUIRED) - set(FREE_FORM) - set(OPTIONAL))
     if unknown:
-        raise BundleError(f"{source}: unknown key {unknown[0]!r}; allowed: {', '.join(REQUIRED + FREE_FORM)}")
+        allowed = ", ".join(REQUIRED + FREE_FORM + OPTIONAL)
+        raise BundleError(f"{source}: unknown key {unknown[0]!r}; allowed: {allowed}")
     missing = [k for k in REQUIRED if k not in config]
     if missing:
         raise BundleError(f"{source}: required key {missing[0]!r} is missing")
@@ -167,6 +172,12 @@ def check_config(config: Any, source: str, build_extractor: Callable[..., Any] |
     if n_nodes > MAX_NODES or n_nodes != len(tree["parents"]):
         raise BundleError(f"{source}: tree.level_sizes sum to {n_nodes} nodes; expected one parent each "
                           f"({len(tree['parents'])} given) and at most {MAX_NODES}")
+    if "calibration" in config:
+        cal = config["calibration"]
+        check_fields(cal, CALIBRATION_KEYS, ["samples", "k", "harm_share", "min_members"], f"{source}: calibration")
+        if cal["samples"] < 1 or cal["k"] < 1 or cal["min_members"] < 1 or not 0 <= cal["harm_share"] <= 1:
+            raise BundleError(f"{source}: calibration: samples, k and min_members must be >= 1 and harm_share in "
+                              f"[0, 1], got {json.dumps(cal)[:160]}")
     experts = config["experts"]
     if not isinstance(experts, dict) or sorted(experts) != sorted(str(n) for n in range(n_nodes)):
         got = sorted(experts)[:8] if isinstance(experts, dict) else type(experts).__name__

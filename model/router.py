@@ -38,6 +38,8 @@ class Route:
     router_level: Tensor | None = None  # [B] t* before the support check (UniRestorer.route), where it ran
     support: Tensor | None = None  # [B, n_levels] distance to each path node's centroid / that node's radius
     clean_leaf: Tensor | None = None  # [B] the clean leaf that capped the level below the support check, or -1
+    refused: Tensor | None = None  # [B] the node the calibration bank refused where that set the level, or -1
+    evidence: Tensor | None = None  # [B, 3] at that node: neighbours through it, their mean gain (dB), harmed
 
 
 def _head(dim: int) -> nn.Sequential:

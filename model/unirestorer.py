@@ -24,13 +24,14 @@ from unirestorer.safe_files import atomic_path, atomic_write, ensure_dir
 
 from . import bundle_schema
 from .bundle_schema import BUNDLE_FORMAT
+from .calibration import Calibration
 from .experts import create_expert
 from .extractor import DegradationExtractor
 from .lora import add_lora, has_lora, lora_settings, lora_state_dict
 from .router import Route, Router, TaskArg, best_level, gate, image_psnr
 from .tree import DegradationTree
 
-WEIGHTS, CONFIG = "weights.safetensors", "bundle.json"
+WEIGHTS, CONFIG, CALIBRATION = "weights.safetensors", "bundle.json", "calibration.safetensors"
 
 
 def dispatch(x: Tensor, nodes: Tensor, experts: Mapping[int, Callable[[Tensor], Tensor]]) -> Tensor:
@@ -44,23 +45,32 @@ def dispatch(x: Tensor, nodes: Tensor, experts: Mapping[int, Callable[[Tensor], 
 
 
 def fall_back(route: Route, embedding: Tensor, tree: DegradationTree, leaf_paths: Tensor,
-              task_index: Tensor | None = None) -> Route:
+              task_index: Tensor | None = None, calibration: Calibration | None = None) -> Route:
     """`route` with each blind image's level capped at the deepest level whose path nodes all hold its
-    embedding (`tree.supported_depth`) and, where a clean leaf's support holds it, at that leaf's common
-    ancestor with the path (`tree.clean_claim`); images with a task (index >= 0) keep their level."""
-    if tree.radii is None:
+    embedding (`tree.supported_depth`), where a clean leaf's support holds it at that leaf's common ancestor
+    with the path (`tree.clean_claim`), and with a calibration bank at the deepest level its nearest samples
+    vouch for (`Calibration.check`); images with a task (index >= 0) keep their level."""
+    if tree.radii is None and calibration is None:
         return route
     paths = leaf_paths[route.leaf]
+    deepest = torch.full_like(route.level, tree.n_levels - 1)
     clean_depth, clean_leaf = tree.clean_claim(embedding, paths)
     supported = tree.supported_depth(embedding, paths)
-    depth = torch.minimum(supported, clean_depth)
+    verdict = calibration.check(embedding, paths) if calibration is not None else None
+    vouched = verdict.depth if verdict is not None else deepest
+    depth = torch.minimum(torch.minimum(supported, clean_depth), vouched)
     if task_index is not None:
-        depth = torch.where(task_index >= 0, tree.n_levels - 1, depth)
+        depth = torch.where(task_index >= 0, deepest, depth)
     level = torch.minimum(route.level, depth)
-    route.clean_leaf = torch.where((level < route.level) & (clean_depth < supported), clean_leaf, -1)
+    fell = level < route.level
+    route.clean_leaf = torch.where(fell & (clean_depth < supported) & (clean_depth <= vouched), clean_leaf, -1)
+    if verdict is not None:
+        route.refused = torch.where(fell & (vouched < torch.minimum(supported, clean_depth)), verdict.refused, -1)
+        route.evidence = torch.stack([verdict.members.float(), verdict.gain, verdict.harmed.float()], 1)
     route.router_level, route.level = route.level, level
     route.node = paths.gather(1, level[:, None]).squeeze(1)
-    route.support = tree.distances(embedding, paths) / tree.radii.to(paths.device)[paths]
+    if tree.radii is not None:
+        route.support = tree.distances(embedding, paths) / tree.radii.to(paths.device)[paths]
     return route
 
 
@@ -70,6 +80,7 @@ class UniRestorer(nn.Module):
     def __init__(
         self, extractor: nn.Module, tree: DegradationTree, router: Router, experts: Mapping[int, nn.Module], *,
         expert_specs: Mapping[int, dict] | None = None, extractor_config: dict | None = None,
+        calibration: Calibration | None = None,
     ) -> None:
         super().__init__()
         missing = sorted(set(range(tree.n_nodes)) - {int(k) for k in experts})
@@ -82,6 +93,7 @@ class UniRestorer(nn.Module):
         self.experts = nn.ModuleDict({str(int(k)): v for k, v in sorted(experts.items())})
         self.expert_specs = {int(k): dict(v) for k, v in (expert_specs or {}).items()}
         self.extractor_config = extractor_config or getattr(extractor, "config", None)
+        self.calibration = calibration  # the bank `unirestorer calibrate` measured, or None
 
     def expert(self, node_id: int) -> nn.Module:
         return self.experts[str(node_id)]
@@ -102,12 +114,14 @@ class UniRestorer(nn.Module):
 
     def route(self, x: Tensor, task: TaskArg = None) -> Route:
         """The router's choice, then the support check: where the image's embedding lies outside the
-        training support (tree.radii) of a node on its path, the level falls back to that node's parent
-        level, at most the root. Images routed in instruction mode (a task given) keep the router's level:
+        training support (tree.radii) of a node on its path, or where the calibration bank's nearest samples
+        say that node harmed images like it, the level falls back to that node's parent level, at most the
+        root. Images routed in instruction mode (a task given) keep the router's level:
         the user named the degradation."""
         e = self.embed(x)
         route = self.router.route(e, task)
-        return fall_back(route, e, self.tree, self.router.leaf_paths, self.router.task_index(task, len(e)))
+        return fall_back(route, e, self.tree, self.router.leaf_paths, self.router.task_index(task, len(e)),
+                         self.calibration)
 
     def forward(self, x: Tensor, task: TaskArg = None, embedding: Tensor | None = None) -> tuple[Tensor, Route]:
         """Gated output E(x)·g/stopgrad(g): equal to the chosen expert's output, differentiable in g. The
@@ -177,7 +191,15 @@ class UniRestorer(nn.Module):
         if route.router_level is not None and int(route.router_level[i]) > out["level"]:
             path = self.router.leaf_paths[int(route.leaf[i])].tolist()
             outside, clean = path[out["level"] + 1], int(route.clean_leaf[i]) if route.clean_leaf is not None else -1
-            if clean < 0:
+            refused = int(route.refused[i]) if route.refused is not None else -1
+            if refused >= 0:
+                members, gain, harmed = route.evidence[i].tolist()
+                nearest = f"of the {self.calibration.k} calibration samples nearest to it"
+                why = (f"only {members:.0f} {nearest} went through node {refused}, too few to vouch for it"
+                       if members < self.calibration.min_members else
+                       f"{nearest}, {members:.0f} went through node {refused}, which gained {gain:+.2f} dB on average "
+                       f"over its parent and harmed {harmed:.0f} of them (> 0.5 dB)")
+            elif clean < 0:
                 trusted = self.tree.trusted_fraction(outside)
                 why = (f"the image lies outside the {'trusted' if trusted < 1 else 'training'} support of node "
                        f"{outside} ({out['support'][out['level'] + 1]:.2f}x its radius"
@@ -240,6 +262,8 @@ class UniRestorer(nn.Module):
         config = {"format": BUNDLE_FORMAT, "extractor": self.extractor_config, "router": self.router.config,
                   "experts": specs, "tree": self.tree.to_state()[0]}
         atomic_write(d / CONFIG, json.dumps(config, indent=1))
+        if self.calibration is not None:
+            save_calibration(d, self.calibration)
 
     @classmethod
     def load_bundle(
@@ -296,8 +320,37 @@ class UniRestorer(nn.Module):
             module.to(device)
         tree = DegradationTree.from_state(config["tree"], {"centroids": tensors["tree.centroids"].cpu()}, str(cfg_file))
         bundle_schema.check_routing(router, tree, str(weights_file))
-        model = cls(extractor, tree, router, experts, expert_specs=specs, extractor_config=config["extractor"])
+        calibration = load_calibration(d, config, tree) if "calibration" in config else None
+        model = cls(extractor, tree, router, experts, expert_specs=specs, extractor_config=config["extractor"],
+                    calibration=calibration)
         return model.eval()
+
+
+def save_calibration(directory: str | Path, calibration: Calibration) -> None:
+    """calibration.safetensors, then bundle.json's `calibration` entry (each atomic): interrupted between the
+    two, the bundle loads as it was, without the new bank."""
+    d = Path(directory)
+    meta, tensors = calibration.to_state()
+    with atomic_path(d / CALIBRATION) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    config = json.loads((d / CONFIG).read_text())
+    atomic_write(d / CONFIG, json.dumps(config | {"calibration": meta}, indent=1))
+
+
+def load_calibration(directory: Path, config: dict, tree: DegradationTree) -> Calibration:
+    """The bank bundle.json's `calibration` entry names: exact tensors, paths of the bundle's own tree."""
+    f, meta = directory / CALIBRATION, config["calibration"]
+    if not f.is_file():
+        raise bundle_schema.BundleError(f"{directory / CONFIG}: calibration is set but {f} is missing")
+    n, levels, dim = meta["samples"], tree.n_levels, config["router"]["dim"]
+    expected = {"embeddings": torch.empty(n, dim, device="meta"), "psnr": torch.empty(n, levels, device="meta"),
+                "paths": torch.empty(n, levels, dtype=torch.long, device="meta")}
+    tensors = bundle_schema.read_tensors(f, "cpu")
+    bundle_schema.check_tensors(tensors, expected, str(f))
+    try:
+        return Calibration.from_state(meta, tensors, tree.leaf_paths())
+    except ValueError as err:
+        raise bundle_schema.BundleError(f"{f}: {err}") from None
 
 
 def bundle_bytes(directory: str | Path) -> int:

@@ -169,9 +169,11 @@ def test_quick_demo_runs_end_to_end(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "unirestorer.cli", "demo", "--out", str(out), "--quick"],
                           capture_output=True, text=True, timeout=580, cwd=tmp_path)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
-    for phase in range(1, 10):
-        assert f"phase {phase}/9" in proc.stdout
+    for phase in range(1, 11):
+        assert f"phase {phase}/10" in proc.stdout
     assert (out / "bundle" / "bundle.json").is_file() and (out / "bundle" / "weights.safetensors").is_file()
+    bank = json.loads((out / "bundle" / "bundle.json").read_text())["calibration"]
+    assert bank["samples"] == demo_data.QUICK.cluster_samples and (out / "bundle" / "calibration.safetensors").is_file()
     crops = sorted(p.name for p in (out / "heldout" / "clean").iterdir())
     for task in demo_data.DEMO_TASKS:
         assert sorted(p.name for p in (out / "restored" / task).iterdir()) == crops

@@ -239,6 +239,28 @@ def test_export_matches_distributed_model(pipeline, tmp_path):
 
 
 @pytest.mark.slow
+def test_calibrate_measures_the_exported_bundle_on_its_training_shards(pipeline, tmp_path):
+    """The real command on the real shards export named: the bank holds every path expert's PSNR."""
+    from unirestorer.model.unirestorer import UniRestorer
+    from unirestorer.train.export import export
+
+    root, cfgs = pipeline
+    export(root / "ckpt" / "router", tmp_path / "bundle")
+    res = subprocess.run([sys.executable, "-m", "unirestorer.cli", "calibrate", str(tmp_path / "bundle"), "--samples",
+                          "6"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "calibrated" in res.stdout and "6 samples of 2 shard set(s), 32-px patches" in res.stdout
+    model = UniRestorer.load_bundle(tmp_path / "bundle")
+    bank = model.calibration
+    assert len(bank) == 6 and bank.shards == cfgs["router"]["data"]["train_shards"]
+    assert torch.equal(bank.paths, model.tree.path(bank.embeddings))
+    assert bank.psnr.min() > 10 and bank.psnr.max() <= 50  # real PSNRs of tiny experts on mild degradations
+    res = subprocess.run([sys.executable, "-m", "unirestorer.cli", "calibrate", str(tmp_path / "nowhere")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and f"{tmp_path / 'nowhere'}: no bundle.json (not a bundle folder)" in res.stderr
+
+
+@pytest.mark.slow
 def test_export_from_experts_checkpoint_routes_to_root(pipeline, tmp_path, capsys):
     root, _ = pipeline
     res = subprocess.run([sys.executable, "-m", "unirestorer.cli", "export", str(root / "ckpt" / "experts"),

@@ -16,7 +16,7 @@ from unirestorer import eval_presets
 from unirestorer import restore
 from unirestorer import serve
 from unirestorer.data_shards import cli as shards_cli
-from unirestorer.train import export
+from unirestorer.train import calibrate, export
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_parser(sub)
     eval_presets.add_parser(sub)
     export.add_parser(sub)
+    calibrate.add_parser(sub)
     return parser
 
 

@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    progress = Progress(len(STAGES) + 5)
+    progress = Progress(len(STAGES) + 6)
 
     progress.phase(f"photos and held-out images into {out}")
     try:

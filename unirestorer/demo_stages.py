@@ -178,7 +178,8 @@ class Progress:
 
 def train_stages(out: Path, shards: list[str], val: list[str], sizes: Sizes, scale: float, gpus: int,
                  progress: Progress) -> int:  # fmt: skip
-    """The four stages through the deepspeed launcher, each on its written config; 0 or the failing code."""
+    """The four stages through the deepspeed launcher, each on its written config, then export and calibrate;
+    0 or the failing code."""
     ranks = gpus or 2
     env = launcher_env(gpus)
     for stage, cfg in stage_configs(out, shards, val, sizes, scale).items():
@@ -197,6 +198,13 @@ def train_stages(out: Path, shards: list[str], val: list[str], sizes: Sizes, sca
            str(out / "bundle")]  # fmt: skip
     if code := run_logged(cmd, env, log):
         print(f"\ndemo stopped: export failed with exit code {code}; its log: {log}", file=sys.stderr)
+        return code
+    progress.phase("calibrate the bundle: every path expert on stored training samples (model/calibration.py)")
+    log = out / "logs" / "calibrate.log"
+    cmd = [sys.executable, "-m", "unirestorer.cli", "calibrate", str(out / "bundle"), "--samples",
+           str(sizes.cluster_samples)]  # fmt: skip
+    if code := run_logged(cmd, env, log):
+        print(f"\ndemo stopped: calibrate failed with exit code {code}; its log: {log}", file=sys.stderr)
     return code
 
 

@@ -1,0 +1,124 @@
+"""Local calibration: has a node's expert helped images like this one? (issue 18, do no harm)
+
+The support check asks whether an image lies where a node's training images lie. It cannot see that a
+node's expert harms part of what lies there: a haze type node holds bright, low-contrast clean photos beside
+thin haze, and its expert re-exposes both (kodim10: 50 → 15.5 dB). The calibration bank records, for stored
+training samples, their embedding, their tree path and the PSNR of every expert on that path against the
+ground truth (`measure`). For a new image its `k` nearest bank samples vote, level by level down its path:
+a node keeps the image only where at least `min_members` of those neighbours went through it, their mean
+gain over the parent's expert is not negative, and at most `harm_share` of them lost more than HARM_DB to
+the parent. Elsewhere the image stays with the parent (BENCHMARKS.md, "Local calibration").
+
+The bank is stored beside a bundle in calibration.safetensors (`unirestorer calibrate BUNDLE`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+K, HARM_SHARE, MIN_MEMBERS = 30, 1 / 3, 3
+HARM_DB = 0.5  # a loss larger than this is harm, as the robustness benchmark counts it
+PSNR_CAP = 50.0  # dB: identical images score infinity; past 50 dB the difference is invisible (unirestorer/shifts.py)
+
+
+class _Restorer(Protocol):  # what `measure` needs of a UniRestorer (model/unirestorer.py imports this module)
+    tree: object
+
+    def embed(self, x: Tensor) -> Tensor: ...
+
+    def level_psnr(self, x: Tensor, gt: Tensor, paths: Tensor) -> Tensor: ...
+
+
+@dataclass
+class Verdict:
+    """Per image: the deepest level the bank vouches for, and at the first refused node (-1: none) how many
+    neighbours went through it, their mean gain over its parent (dB) and how many of them it harmed."""
+
+    depth: Tensor  # [B]
+    refused: Tensor  # [B] node id or -1
+    members: Tensor  # [B]
+    gain: Tensor  # [B]
+    harmed: Tensor  # [B]
+
+
+class Calibration:
+    def __init__(self, embeddings: Tensor, paths: Tensor, psnr: Tensor, leaf_paths: Tensor, k: int = K,
+                 harm_share: float = HARM_SHARE, min_members: int = MIN_MEMBERS, shards: Sequence[str] = ()) -> None:
+        n, levels = len(embeddings), leaf_paths.shape[1]
+        if embeddings.ndim != 2 or paths.shape != (n, levels) or psnr.shape != (n, levels) or not n:
+            raise ValueError(f"calibration: embeddings {tuple(embeddings.shape)}, paths {tuple(paths.shape)} and psnr "
+                             f"{tuple(psnr.shape)} must be [N, d], [N, {levels}], [N, {levels}] with N > 0")
+        known = (paths[:, None, :] == leaf_paths[None]).all(-1).any(1)
+        if not bool(known.all()):
+            row = int((~known).nonzero()[0])
+            raise ValueError(f"calibration: sample {row}'s path {paths[row].tolist()} is not a root-to-leaf path "
+                             f"of the tree")
+        if not (k >= 1 and 0 <= harm_share <= 1 and min_members >= 1):
+            raise ValueError(f"calibration: k {k} must be >= 1, harm_share {harm_share} in [0, 1], min_members "
+                             f"{min_members} >= 1")
+        self.embeddings, self.paths, self.psnr = embeddings.float(), paths.long(), psnr.float().clamp(max=PSNR_CAP)
+        self.k, self.harm_share, self.min_members = int(k), float(harm_share), int(min_members)
+        self.shards = list(shards)  # provenance: what the bank was measured on
+
+    def __len__(self) -> int:
+        return len(self.embeddings)
+
+    def check(self, embeddings: Tensor, paths: Tensor) -> Verdict:
+        """The level each image's nearest bank samples vouch for, down its own path `paths` [B, n_levels]."""
+        x = embeddings.detach().float()
+        if paths.shape[1] == 1:  # a one-node tree (a dense expert): nothing to fall back from
+            zero = torch.zeros(len(x), dtype=torch.long, device=x.device)
+            return Verdict(zero, zero - 1, zero, zero.float(), zero)
+        bank = self.embeddings.to(x.device)
+        near = torch.cdist(x, bank).topk(min(self.k, len(bank)), dim=1, largest=False).indices  # [B, k]
+        member = self.paths.to(x.device)[near] == paths[:, None, :]  # [B, k, n_levels]: went through that node
+        psnr = self.psnr.to(x.device)[near]
+        gain = psnr[..., 1:] - psnr[..., :-1]  # [B, k, n_levels - 1]: over the parent's expert
+        member = member[..., 1:]
+        count = member.sum(1)
+        mean_gain = (gain * member).sum(1) / count.clamp_min(1)
+        harmed = ((gain < -HARM_DB) & member).sum(1)
+        ok = (count >= self.min_members) & (mean_gain >= 0) & (harmed <= self.harm_share * count)
+        depth = ok.long().cumprod(1).sum(1)
+        first = depth.clamp(max=ok.shape[1] - 1)[:, None]  # index of the first refused level (of levels 1..)
+        refused = torch.where(depth < ok.shape[1], paths.gather(1, first + 1).squeeze(1), -1)
+        return Verdict(depth, refused, count.gather(1, first).squeeze(1), mean_gain.gather(1, first).squeeze(1),
+                       harmed.gather(1, first).squeeze(1))
+
+    # ---- persistence ------------------------------------------------------------------------
+    def to_state(self) -> tuple[dict, dict[str, Tensor]]:
+        return ({"samples": len(self), "k": self.k, "harm_share": self.harm_share, "min_members": self.min_members,
+                 "shards": self.shards},
+                {"embeddings": self.embeddings.contiguous(), "paths": self.paths.contiguous(),
+                 "psnr": self.psnr.contiguous()})
+
+    @classmethod
+    def from_state(cls, meta: dict, tensors: dict[str, Tensor], leaf_paths: Tensor) -> "Calibration":
+        return cls(tensors["embeddings"], tensors["paths"], tensors["psnr"], leaf_paths, meta["k"],
+                   meta["harm_share"], meta["min_members"], meta.get("shards", ()))
+
+
+@torch.no_grad()
+def measure(model: _Restorer, batches: Iterable[dict], samples: int, leaf_paths: Tensor,
+            shards: Sequence[str] = (), on_batch: Callable[[int], object] = lambda n: None) -> Calibration:
+    """The bank of the first `samples` images of `batches` (dicts with "lq" and "gt" [B,3,H,W]): each image's
+    embedding, tree path and every path expert's PSNR. `on_batch(n)` reports progress."""
+    embs, paths, psnr, seen = [], [], [], 0
+    for b in batches:
+        lq, gt = b["lq"][: samples - seen], b["gt"][: samples - seen]
+        e = model.embed(lq)
+        p = model.tree.path(e)
+        embs.append(e.float().cpu())
+        paths.append(p.cpu())
+        psnr.append(model.level_psnr(lq, gt, p).float().cpu())
+        seen += len(lq)
+        on_batch(len(lq))
+        if seen >= samples:
+            break
+    if not seen:
+        raise ValueError("calibration: the shards gave no samples")
+    return Calibration(torch.cat(embs), torch.cat(paths), torch.cat(psnr), leaf_paths, shards=shards)

@@ -1,0 +1,129 @@
+"""The calibration bank (model/calibration.py): its vote, its file beside a bundle, and `measure`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from unirestorer.model.bundle_schema import BundleError
+from unirestorer.model.calibration import HARM_SHARE, K, Calibration, measure
+from unirestorer.model.unirestorer import CALIBRATION, CONFIG, UniRestorer, save_calibration
+
+LEAF_PATHS = torch.tensor([[0, 1, 3], [0, 1, 4], [0, 2, 5], [0, 2, 6]])
+
+
+def bank(points: list[tuple[list[float], int, list[float], int]]) -> Calibration:
+    """(embedding, leaf index, path PSNRs, copies) per cluster of identical samples."""
+    e = torch.tensor([p for p, _, _, n in points for _ in range(n)])
+    paths = torch.stack([LEAF_PATHS[leaf] for _, leaf, _, n in points for _ in range(n)])
+    psnr = torch.tensor([s for _, _, s, n in points for _ in range(n)])
+    return Calibration(e, paths, psnr, LEAF_PATHS)
+
+
+def test_a_node_keeps_what_its_neighbours_gained_through_and_refuses_what_it_harmed() -> None:
+    cal = bank([([0.0, 0.0], 0, [20.0, 23.0, 26.0], 30),  # leaf 3 gains over node 1, node 1 over the root
+                ([10.0, 0.0], 2, [20.0, 24.0, 21.0], 30),  # leaf 5 loses 3 dB to node 2 on every sample
+                ([0.0, 10.0], 3, [20.0, 15.0, 25.0], 30)])  # node 2 loses 5 dB to the root
+    v = cal.check(torch.tensor([[0.1, 0.0], [10.0, 0.1], [0.0, 9.9]]), LEAF_PATHS[[0, 2, 3]])
+    assert v.depth.tolist() == [2, 1, 0]
+    assert v.refused.tolist() == [-1, 5, 2]
+    assert v.members.tolist()[1:] == [30, 30]
+    assert v.gain.tolist()[1:] == [-3.0, -5.0]
+    assert v.harmed.tolist()[1:] == [30, 30]
+
+
+def test_too_few_neighbours_through_a_node_is_no_evidence_for_it() -> None:
+    cal = bank([([0.0, 0.0], 0, [20.0, 23.0, 26.0], K - 2), ([0.5, 0.0], 1, [20.0, 23.0, 26.0], 2)])
+    v = cal.check(torch.zeros(1, 2), LEAF_PATHS[[1]])  # leaf 4: only 2 of the 30 nearest went through it
+    assert (v.depth.item(), v.refused.item(), v.members.item()) == (1, 4, 2)
+
+
+@pytest.mark.parametrize("harmed, depth", [(round(HARM_SHARE * K), 2), (round(HARM_SHARE * K) + 1, 1)])
+def test_the_harm_share_is_the_line(harmed: int, depth: int) -> None:
+    """A node that gains on average may still harm up to a third of its neighbours, not one more."""
+    cal = bank([([0.0, 0.0], 0, [20.0, 23.0, 22.0], harmed), ([0.0, 0.0], 0, [20.0, 23.0, 30.0], K - harmed)])
+    v = cal.check(torch.zeros(1, 2), LEAF_PATHS[[0]])
+    assert v.depth.item() == depth
+    assert v.gain.item() >= 0
+
+
+def test_a_one_node_tree_has_nothing_to_fall_back_from() -> None:
+    root = torch.zeros(1, 1, dtype=torch.long)
+    cal = Calibration(torch.zeros(4, 2), root.repeat(4, 1), torch.full((4, 1), 30.0), root)
+    v = cal.check(torch.ones(3, 2), root.repeat(3, 1))
+    assert v.depth.tolist() == [0, 0, 0] and v.refused.tolist() == [-1, -1, -1]
+
+
+def test_a_path_the_tree_does_not_have_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"sample 1's path \[0, 2, 3\] is not a root-to-leaf path"):
+        Calibration(torch.zeros(2, 2), torch.tensor([[0, 1, 3], [0, 2, 3]]), torch.zeros(2, 3), LEAF_PATHS)
+
+
+def tree_images() -> torch.Tensor:
+    """The images the tiny bundle's tree was fitted on (conftest.build_tiny_unirestorer): inside its support."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(12, 3, 24, 24, generator=g) * 0.6 + 0.2
+    return torch.cat([(base + torch.randn(base.shape, generator=g) * 0.2).clamp(0, 1), base * 0.2])
+
+
+def harming_bank(model: UniRestorer) -> Calibration:
+    """The tree's own images, each losing 3 dB at level 1 against the root."""
+    e = model.embed(tree_images())
+    paths = model.tree.path(e)
+    return Calibration(e, paths, torch.tensor([[30.0, 27.0, 28.0]]).repeat(len(e), 1), model.tree.leaf_paths())
+
+
+def test_a_calibrated_bundle_round_trips_and_falls_back_where_the_bank_says(tiny_bundle, tmp_path) -> None:
+    folder = tmp_path / "b"
+    shutil.copytree(tiny_bundle, folder)
+    model = UniRestorer.load_bundle(folder)
+    x = tree_images()
+    before = model.route(x)
+    assert int(before.level.max()) > 0  # the tiny router picks deeper levels for some images
+    save_calibration(folder, harming_bank(model))
+    loaded = UniRestorer.load_bundle(folder)
+    assert torch.equal(loaded.calibration.paths, harming_bank(model).paths)
+    route = loaded.route(x)
+    assert route.level.tolist() == [0] * len(x) and route.node.tolist() == [0] * len(x)
+    _, info = loaded.restore(x)
+    deeper = [i for i, lvl in enumerate(before.level.tolist()) if lvl > 0]
+    for i in deeper:
+        assert "calibration samples nearest to it" in info[i]["fallback"]
+        assert "gained -3.00 dB on average over its parent" in info[i]["fallback"]
+    # routes for a named task keep the router's level: the user named the degradation
+    assert torch.equal(loaded.route(x, "noise").level, model.route(x, "noise").level)
+
+
+def test_a_missing_or_damaged_bank_is_refused_naming_the_file(tiny_bundle, tmp_path) -> None:
+    folder = tmp_path / "b"
+    shutil.copytree(tiny_bundle, folder)
+    model = UniRestorer.load_bundle(folder)
+    save_calibration(folder, harming_bank(model))
+    (folder / CALIBRATION).rename(tmp_path / "moved")
+    with pytest.raises(BundleError, match=f"calibration is set but {folder / CALIBRATION} is missing"):
+        UniRestorer.load_bundle(folder)
+    (tmp_path / "moved").rename(folder / CALIBRATION)
+    config = json.loads((folder / CONFIG).read_text())
+    (folder / CONFIG).write_text(json.dumps(config | {"calibration": {**config["calibration"], "samples": 25}}))
+    with pytest.raises(BundleError, match=r"calibration.safetensors: tensor 'embeddings' has shape \(24, 16\)"):
+        UniRestorer.load_bundle(folder)
+    (folder / CONFIG).write_text(json.dumps(config | {"calibration": {**config["calibration"], "k": 0}}))
+    with pytest.raises(BundleError, match="calibration: samples, k and min_members must be >= 1"):
+        UniRestorer.load_bundle(folder)
+
+
+def test_measure_records_every_path_experts_psnr(tiny_bundle) -> None:
+    model = UniRestorer.load_bundle(tiny_bundle)
+    torch.manual_seed(2)
+    gt = torch.rand(5, 3, 24, 24)
+    lq = (gt + 0.1 * torch.randn_like(gt)).clamp(0, 1)
+    seen = []
+    cal = measure(model, [{"lq": lq[:3], "gt": gt[:3]}, {"lq": lq[3:], "gt": gt[3:]}], 4,
+                  model.tree.leaf_paths(), on_batch=seen.append)
+    assert seen == [3, 1] and len(cal) == 4
+    paths = model.tree.path(model.embed(lq[:4]))
+    assert torch.equal(cal.paths, paths)
+    torch.testing.assert_close(cal.psnr, model.level_psnr(lq[:4], gt[:4], paths).clamp(max=50))
