@@ -165,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
           f"estimated leaf alone, oracle = best node on the path:\n")
     print(table)
     print(f"\ndemo done in {progress.elapsed():.0f} s. Everything is in {out}:\n"
-          f"  bundle/        the exported weights (unirestorer restore --weights {bundle} ...)\n"
+          f"  bundle/        the exported weights and their calibration bank (unirestorer restore --weights {bundle} ...)\n"
           f"  restored/TASK  restored held-out images; heldout/ their inputs and clean crops\n"
           f"  eval/          summary.md, summary.json, results.md (PSNR and SSIM per method), per-image CSV, grids\n"
           f"  tensorboard/   training curves (tensorboard --logdir {out / 'tensorboard'})\n"
