@@ -36,7 +36,8 @@ class _Restorer(Protocol):  # what `measure` needs of a UniRestorer (model/unire
 @dataclass
 class Verdict:
     """Per image: the deepest level the bank vouches for, and at the first refused node (-1: none) how many
-    neighbours went through it, their mean gain over its parent (dB) and how many of them it harmed."""
+    neighbours went through it, their mean gain over its parent (dB) and how many of them it harmed (where no
+    node is refused: those of the leaf; zeros on a one-node tree)."""
 
     depth: Tensor  # [B]
     refused: Tensor  # [B] node id or -1
@@ -52,7 +53,7 @@ class Calibration:
         if embeddings.ndim != 2 or paths.shape != (n, levels) or psnr.shape != (n, levels) or not n:
             raise ValueError(f"calibration: embeddings {tuple(embeddings.shape)}, paths {tuple(paths.shape)} and psnr "
                              f"{tuple(psnr.shape)} must be [N, d], [N, {levels}], [N, {levels}] with N > 0")
-        known = (paths[:, None, :] == leaf_paths[None]).all(-1).any(1)
+        known = (paths[:, None, :] == leaf_paths.to(paths.device)[None]).all(-1).any(1)
         if not bool(known.all()):
             row = int((~known).nonzero()[0])
             raise ValueError(f"calibration: sample {row}'s path {paths[row].tolist()} is not a root-to-leaf path "
@@ -67,6 +68,11 @@ class Calibration:
     def __len__(self) -> int:
         return len(self.embeddings)
 
+    @property
+    def neighbours(self) -> int:
+        """How many bank samples vote for an image: k, or the whole bank where it is smaller."""
+        return min(self.k, len(self))
+
     def check(self, embeddings: Tensor, paths: Tensor) -> Verdict:
         """The level each image's nearest bank samples vouch for, down its own path `paths` [B, n_levels]."""
         x = embeddings.detach().float()
@@ -74,7 +80,7 @@ class Calibration:
             zero = torch.zeros(len(x), dtype=torch.long, device=x.device)
             return Verdict(zero, zero - 1, zero, zero.float(), zero)
         bank = self.embeddings.to(x.device)
-        near = torch.cdist(x, bank).topk(min(self.k, len(bank)), dim=1, largest=False).indices  # [B, k]
+        near = torch.cdist(x, bank).topk(self.neighbours, dim=1, largest=False).indices  # [B, k]
         member = self.paths.to(x.device)[near] == paths[:, None, :]  # [B, k, n_levels]: went through that node
         psnr = self.psnr.to(x.device)[near]
         gain = psnr[..., 1:] - psnr[..., :-1]  # [B, k, n_levels - 1]: over the parent's expert

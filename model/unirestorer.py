@@ -24,7 +24,7 @@ from unirestorer.safe_files import atomic_path, atomic_write, ensure_dir
 
 from . import bundle_schema
 from .bundle_schema import BUNDLE_FORMAT
-from .calibration import Calibration
+from .calibration import HARM_DB, Calibration
 from .experts import create_expert
 from .extractor import DegradationExtractor
 from .lora import add_lora, has_lora, lora_settings, lora_state_dict
@@ -194,11 +194,11 @@ class UniRestorer(nn.Module):
             refused = int(route.refused[i]) if route.refused is not None else -1
             if refused >= 0:
                 members, gain, harmed = route.evidence[i].tolist()
-                nearest = f"of the {self.calibration.k} calibration samples nearest to it"
+                nearest = f"of the {self.calibration.neighbours} calibration samples nearest to it"
                 why = (f"only {members:.0f} {nearest} went through node {refused}, too few to vouch for it"
                        if members < self.calibration.min_members else
                        f"{nearest}, {members:.0f} went through node {refused}, which gained {gain:+.2f} dB on average "
-                       f"over its parent and harmed {harmed:.0f} of them (> 0.5 dB)")
+                       f"over its parent and harmed {harmed:.0f} of them (> {HARM_DB} dB)")
             elif clean < 0:
                 trusted = self.tree.trusted_fraction(outside)
                 why = (f"the image lies outside the {'trusted' if trusted < 1 else 'training'} support of node "
@@ -263,7 +263,7 @@ class UniRestorer(nn.Module):
                   "experts": specs, "tree": self.tree.to_state()[0]}
         atomic_write(d / CONFIG, json.dumps(config, indent=1))
         if self.calibration is not None:
-            save_calibration(d, self.calibration)
+            save_calibration(d, self.calibration, config)
 
     @classmethod
     def load_bundle(
@@ -326,14 +326,19 @@ class UniRestorer(nn.Module):
         return model.eval()
 
 
-def save_calibration(directory: str | Path, calibration: Calibration) -> None:
-    """calibration.safetensors, then bundle.json's `calibration` entry (each atomic): interrupted between the
-    two, the bundle loads as it was, without the new bank."""
+def save_calibration(directory: str | Path, calibration: Calibration, config: dict | None = None) -> None:
+    """Store the bank beside a bundle: bundle.json without its `calibration` entry, calibration.safetensors, then
+    bundle.json with the new entry (each write atomic). Interrupted anywhere, the bundle still loads: with the old
+    bank, without one, or with the new one. `config`: bundle.json as the caller has it (default: read it)."""
+    from unirestorer.safe_json import read_json
+
     d = Path(directory)
+    config = dict(read_json(d / CONFIG) if config is None else config)
     meta, tensors = calibration.to_state()
+    if config.pop("calibration", None) is not None:
+        atomic_write(d / CONFIG, json.dumps(config, indent=1))
     with atomic_path(d / CALIBRATION) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-    config = json.loads((d / CONFIG).read_text())
     atomic_write(d / CONFIG, json.dumps(config | {"calibration": meta}, indent=1))
 
 

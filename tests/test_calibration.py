@@ -90,11 +90,43 @@ def test_a_calibrated_bundle_round_trips_and_falls_back_where_the_bank_says(tiny
     assert route.level.tolist() == [0] * len(x) and route.node.tolist() == [0] * len(x)
     _, info = loaded.restore(x)
     deeper = [i for i, lvl in enumerate(before.level.tolist()) if lvl > 0]
-    for i in deeper:
-        assert "calibration samples nearest to it" in info[i]["fallback"]
+    for i in deeper:  # the bank holds 24 samples, fewer than k: all of them vote
+        assert "of the 24 calibration samples nearest to it, " in info[i]["fallback"]
         assert "gained -3.00 dB on average over its parent" in info[i]["fallback"]
     # routes for a named task keep the router's level: the user named the degradation
     assert torch.equal(loaded.route(x, "noise").level, model.route(x, "noise").level)
+
+
+def test_save_bundle_keeps_the_bank_and_an_interrupted_recalibration_leaves_a_loadable_bundle(
+        tiny_bundle, tmp_path, monkeypatch) -> None:
+    import unirestorer.model.unirestorer as unirestorer_module
+
+    model = UniRestorer.load_bundle(tiny_bundle)
+    model.calibration = harming_bank(model)
+    model.save_bundle(tmp_path / "b")
+    loaded = UniRestorer.load_bundle(tmp_path / "b")
+    for name in ("embeddings", "paths", "psnr"):
+        assert torch.equal(getattr(loaded.calibration, name), getattr(model.calibration, name))
+
+    def crash(*args, **kwargs) -> None:
+        raise OSError("disk full")
+
+    smaller = Calibration(*(getattr(model.calibration, n)[:10] for n in ("embeddings", "paths", "psnr")),
+                          model.tree.leaf_paths())
+    monkeypatch.setattr(unirestorer_module, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_calibration(tmp_path / "b", smaller)
+    assert UniRestorer.load_bundle(tmp_path / "b").calibration is None  # not a bundle that no longer loads
+
+
+def test_an_unknown_calibration_key_is_refused(tiny_bundle, tmp_path) -> None:
+    folder = tmp_path / "b"
+    shutil.copytree(tiny_bundle, folder)
+    save_calibration(folder, harming_bank(UniRestorer.load_bundle(folder)))
+    config = json.loads((folder / CONFIG).read_text())
+    (folder / CONFIG).write_text(json.dumps(config | {"calibration": {**config["calibration"], "radius": 2}}))
+    with pytest.raises(BundleError, match="calibration: unknown key 'radius'"):
+        UniRestorer.load_bundle(folder)
 
 
 def test_a_missing_or_damaged_bank_is_refused_naming_the_file(tiny_bundle, tmp_path) -> None:

@@ -241,6 +241,7 @@ def test_export_matches_distributed_model(pipeline, tmp_path):
 @pytest.mark.slow
 def test_calibrate_measures_the_exported_bundle_on_its_training_shards(pipeline, tmp_path):
     """The real command on the real shards export named: the bank holds every path expert's PSNR."""
+    from unirestorer.data_shards.loader import StreamConfig, make_loader
     from unirestorer.model.unirestorer import UniRestorer
     from unirestorer.train.export import export
 
@@ -253,8 +254,13 @@ def test_calibrate_measures_the_exported_bundle_on_its_training_shards(pipeline,
     model = UniRestorer.load_bundle(tmp_path / "bundle")
     bank = model.calibration
     assert len(bank) == 6 and bank.shards == cfgs["router"]["data"]["train_shards"]
-    assert torch.equal(bank.paths, model.tree.path(bank.embeddings))
-    assert bank.psnr.min() > 10 and bank.psnr.max() <= 50  # real PSNRs of tiny experts on mild degradations
+    # the same stored samples, streamed here: the bank holds exactly this bundle's path experts' PSNRs on them
+    stream = make_loader(StreamConfig(sources=bank.shards, patch=32, batch_size=6, num_workers=0, shuffle_buffer=0,
+                                      batches_per_epoch=1, augment=False, pin_memory=False, persistent_workers=False))
+    batch = next(iter(stream))
+    paths = model.tree.path(model.embed(batch["lq"]))
+    assert torch.equal(bank.paths, paths)
+    torch.testing.assert_close(bank.psnr, model.level_psnr(batch["lq"], batch["gt"], paths).clamp(max=50))
     res = subprocess.run([sys.executable, "-m", "unirestorer.cli", "calibrate", str(tmp_path / "nowhere")],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and f"{tmp_path / 'nowhere'}: no bundle.json (not a bundle folder)" in res.stderr

@@ -4,7 +4,7 @@ The step after `export`. It streams stored samples of the training shards (unshu
 degradations), runs every expert on each sample's own tree path and keeps the embedding, the path and the
 PSNRs (model/calibration.py). `restore` then lets a node keep an image only where the bank's nearest samples
 gained through that node. Shards and patch size default to the training config export stored in bundle.json.
-One process, on CPU or one GPU: ~40 s for the demo's 1500 samples on two CPU cores.
+One process, on CPU or one GPU: ~25 s for the demo's 1500 samples on two CPU cores.
 """
 
 from __future__ import annotations
@@ -24,18 +24,20 @@ def calibrate(bundle: str | Path, shards: list[str] | None = None, samples: int 
 
     from unirestorer.data_shards.loader import StreamConfig, make_loader
     from unirestorer.model.calibration import measure
-    from unirestorer.model.unirestorer import CONFIG, UniRestorer, save_calibration
+    from unirestorer.model.unirestorer import CALIBRATION, CONFIG, UniRestorer, save_calibration
     from unirestorer.safe_files import check_writable, output_folder
     from unirestorer.safe_json import read_json
 
     folder = output_folder(bundle, "BUNDLE")
     check_writable(folder, "BUNDLE")
+    check_writable(folder / CALIBRATION, "the bank", folder=False)  # before minutes of measuring, not after
     if not (folder / CONFIG).is_file():
         raise FileNotFoundError(f"{folder}: no {CONFIG} (not a bundle folder)")
     if samples < 1:
         raise ValueError(f"--samples {samples}: must be >= 1")
     model = UniRestorer.load_bundle(folder, device=device)  # bundle.json checked (size, schema) before it is read here
-    data = read_json(folder / CONFIG).get("training_config", {}).get("data")
+    config = read_json(folder / CONFIG)
+    data = config.get("training_config", {}).get("data")
     data = data if isinstance(data, dict) else {}
     shards = shards or data.get("train_shards")
     if not shards or not all(isinstance(s, str) for s in shards):
@@ -48,8 +50,10 @@ def calibrate(bundle: str | Path, shards: list[str] | None = None, samples: int 
                                       pin_memory=False, persistent_workers=False))
     with tqdm(total=samples, desc="calibrate", unit="sample", file=sys.stderr) as bar:
         moved = ({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in stream)
-        bank = measure(model, moved, samples, model.tree.leaf_paths().to(device), list(shards), bar.update)
-    save_calibration(folder, bank)
+        bank = measure(model, moved, samples, model.tree.leaf_paths(), list(shards), bar.update)
+    if read_json(folder / CONFIG) != config:
+        raise ValueError(f"{folder / CONFIG} changed while the bank was measured; run calibrate again")
+    save_calibration(folder, bank, config)
     return f"{len(bank)} samples of {len(shards)} shard set(s), {patch}-px patches"
 
 
