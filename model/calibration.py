@@ -7,7 +7,7 @@ training samples, their embedding, their tree path and the PSNR of every expert 
 ground truth (`measure`). For a new image its `k` nearest bank samples vote, level by level down its path:
 a node keeps the image only where at least `min_members` of those neighbours went through it, their mean
 gain over the parent's expert is not negative, and at most `harm_share` of them lost more than HARM_DB to
-the parent. Elsewhere the image stays with the parent (BENCHMARKS.md, "Local calibration").
+the parent. Elsewhere the image stays with the parent (BENCHMARKS.md, "sixth session: local calibration").
 
 The bank is stored beside a bundle in calibration.safetensors (`unirestorer calibrate BUNDLE`).
 """
