@@ -56,3 +56,4 @@ def run(rank: int, world: int, port: int, configs: dict, out_dir: str) -> None:
     Path(out_dir, f"report_rank{rank}.json").write_text(json.dumps(
         {"codes": codes, "in_optimizer": in_optimizer, "grad_after": grad_after}))
     torch.distributed.barrier()
+    torch.distributed.destroy_process_group()  # not left to interpreter shutdown (train/preemption.py)

@@ -71,6 +71,8 @@ def run(rank: int, world: int, port: int, case: dict, out_dir: str) -> None:
 
     deepspeed.init_distributed(dist_backend="gloo")
     run_case(rank, world, case, Path(out_dir, f"rank{rank}.json"))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()  # not left to interpreter shutdown (train/preemption.py)
 
 
 def main(cases_file: str, out_dir: str) -> None:
@@ -84,6 +86,8 @@ def main(cases_file: str, out_dir: str) -> None:
     for name, case in json.loads(Path(cases_file).read_text()).items():
         run_case(rank, world, {**case, "ckpt_dir": str(Path(out_dir, f"ckpt_{name}"))},
                  Path(out_dir, f"{name}_rank{rank}.json"))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def run_case(rank: int, world: int, case: dict, out_file: Path) -> None:

@@ -91,6 +91,7 @@ def main() -> None:
             exit_preempted(info.rank)
     log.write(json.dumps({"done": step, "weights": engine.module.weight.detach().flatten().tolist()}) + "\n")
     dist.barrier()
+    dist.destroy_process_group()  # not left to interpreter shutdown (train/preemption.py)
 
 
 if __name__ == "__main__":

@@ -50,3 +50,4 @@ def run(rank: int, world: int, port: int, configs: dict, out_dir: str) -> None:
     torch.save({"images": images, "out": out, "node": route.node}, Path(out_dir, f"dist_rank{rank}.pt"))
     Path(out_dir, f"codes_rank{rank}.json").write_text(json.dumps(codes))
     torch.distributed.barrier()
+    torch.distributed.destroy_process_group()  # not left to interpreter shutdown (train/preemption.py)

@@ -78,4 +78,7 @@ def exit_preempted(rank: int) -> NoReturn:
         requeue_slurm_job()
     if dist.is_available() and dist.is_initialized():
         dist.barrier()  # no rank exits before the requeue is issued (srun --kill-on-bad-exit would end rank 0)
+        # Gloo's worker threads left alive into interpreter shutdown can abort the process (SIGABRT,
+        # "terminate called without an active exception"; pytorch/pytorch#190489) instead of exiting 75.
+        dist.destroy_process_group()
     sys.exit(PREEMPTED_EXIT_CODE)
