@@ -6,8 +6,11 @@ thin haze, and its expert re-exposes both (kodim10: 50 → 15.5 dB). The calibra
 training samples, their embedding, their tree path and the PSNR of every expert on that path against the
 ground truth (`measure`). For a new image its `k` nearest bank samples vote, level by level down its path:
 a node keeps the image only where at least `min_members` of those neighbours went through it, their mean
-gain over the parent's expert is not negative, and at most `harm_share` of them lost more than HARM_DB to
-the parent. Elsewhere the image stays with the parent (BENCHMARKS.md, "sixth session: local calibration").
+gain over the node kept so far (the parent, or the parent's kept ancestor where the parent was refused) is
+not negative, and at most `harm_share` of them lost more than HARM_DB to it. A refused node does not bar its
+children: a type node that learned to leave its images nearly alone (gain -0.1 dB) would otherwise keep its
+leaves, which restore them, from every image (demo haze: 16.5 → 18.3 dB). The image goes to the deepest node
+kept (BENCHMARKS.md, "sixth session: local calibration" and "seventh session").
 
 The bank is stored beside a bundle in calibration.safetensors (`unirestorer calibrate BUNDLE`).
 """
@@ -35,9 +38,10 @@ class _Restorer(Protocol):  # what `measure` needs of a UniRestorer (model/unire
 
 @dataclass
 class Verdict:
-    """Per image: the deepest level the bank vouches for, and at the first refused node (-1: none) how many
-    neighbours went through it, their mean gain over its parent (dB) and how many of them it harmed (where no
-    node is refused: those of the leaf; zeros on a one-node tree)."""
+    """Per image: the deepest level the bank vouches for (at most the cap `check` was given), and at the node
+    of the cap's level how many neighbours went through it, their mean gain over the node kept before it (dB)
+    and how many of them it harmed; `refused` is that node where the bank refused it, else -1 (zeros and -1
+    at cap 0 and on a one-node tree)."""
 
     depth: Tensor  # [B]
     refused: Tensor  # [B] node id or -1
@@ -73,27 +77,36 @@ class Calibration:
         """How many bank samples vote for an image: k, or the whole bank where it is smaller."""
         return min(self.k, len(self))
 
-    def check(self, embeddings: Tensor, paths: Tensor) -> Verdict:
-        """The level each image's nearest bank samples vouch for, down its own path `paths` [B, n_levels]."""
+    def check(self, embeddings: Tensor, paths: Tensor, cap: Tensor | None = None) -> Verdict:
+        """The level each image's nearest bank samples vouch for, down its own path `paths` [B, n_levels] to
+        level `cap` [B] (the deepest the router and the other checks allow; default: the leaf)."""
         x = embeddings.detach().float()
-        if paths.shape[1] == 1:  # a one-node tree (a dense expert): nothing to fall back from
-            zero = torch.zeros(len(x), dtype=torch.long, device=x.device)
-            return Verdict(zero, zero - 1, zero, zero.float(), zero)
-        bank = self.embeddings.to(x.device)
-        near = torch.cdist(x, bank).topk(self.neighbours, dim=1, largest=False).indices  # [B, k]
-        member = self.paths.to(x.device)[near] == paths[:, None, :]  # [B, k, n_levels]: went through that node
-        psnr = self.psnr.to(x.device)[near]
-        gain = psnr[..., 1:] - psnr[..., :-1]  # [B, k, n_levels - 1]: over the parent's expert
-        member = member[..., 1:]
-        count = member.sum(1)
-        mean_gain = (gain * member).sum(1) / count.clamp_min(1)
-        harmed = ((gain < -HARM_DB) & member).sum(1)
-        ok = (count >= self.min_members) & (mean_gain >= 0) & (harmed <= self.harm_share * count)
-        depth = ok.long().cumprod(1).sum(1)
-        first = depth.clamp(max=ok.shape[1] - 1)[:, None]  # index of the first refused level (of levels 1..)
-        refused = torch.where(depth < ok.shape[1], paths.gather(1, first + 1).squeeze(1), -1)
-        return Verdict(depth, refused, count.gather(1, first).squeeze(1), mean_gain.gather(1, first).squeeze(1),
-                       harmed.gather(1, first).squeeze(1))
+        zero = torch.zeros(len(x), dtype=torch.long, device=x.device)
+        levels = paths.shape[1]
+        cap = torch.full_like(zero, levels - 1) if cap is None else cap.to(x.device).clamp(0, levels - 1)
+        members, gain, harmed = zero.clone(), zero.float(), zero.clone()
+        kept = zero.clone()
+        if levels > 1:
+            bank = self.embeddings.to(x.device)
+            near = torch.cdist(x, bank).topk(self.neighbours, dim=1, largest=False).indices  # [B, k]
+            member = self.paths.to(x.device)[near] == paths[:, None, :]  # [B, k, n_levels]: went through that node
+            psnr = self.psnr.to(x.device)[near]  # [B, k, n_levels]
+            for level in range(1, levels):
+                base = psnr.gather(2, kept[:, None, None].expand(-1, psnr.shape[1], 1)).squeeze(2)
+                through = member[..., level]
+                count = through.sum(1)
+                step = psnr[..., level] - base  # [B, k]: over the node kept so far
+                mean_gain = (step * through).sum(1) / count.clamp_min(1)
+                lost = ((step < -HARM_DB) & through).sum(1)
+                ok = (count >= self.min_members) & (mean_gain >= 0) & (lost <= self.harm_share * count)
+                at_cap = cap == level
+                members = torch.where(at_cap, count, members)
+                gain = torch.where(at_cap, mean_gain, gain)
+                harmed = torch.where(at_cap, lost, harmed)
+                kept = torch.where(ok & (level <= cap), level, kept)
+        at = paths.gather(1, cap[:, None]).squeeze(1)
+        refused = torch.where(kept < cap, at, -1)
+        return Verdict(kept, refused, members, gain, harmed)
 
     # ---- persistence ------------------------------------------------------------------------
     def to_state(self) -> tuple[dict, dict[str, Tensor]]:

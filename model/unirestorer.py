@@ -53,19 +53,17 @@ def fall_back(route: Route, embedding: Tensor, tree: DegradationTree, leaf_paths
     if tree.radii is None and calibration is None:
         return route
     paths = leaf_paths[route.leaf]
-    deepest = torch.full_like(route.level, tree.n_levels - 1)
     clean_depth, clean_leaf = tree.clean_claim(embedding, paths)
     supported = tree.supported_depth(embedding, paths)
-    verdict = calibration.check(embedding, paths) if calibration is not None else None
-    vouched = verdict.depth if verdict is not None else deepest
-    depth = torch.minimum(torch.minimum(supported, clean_depth), vouched)
+    cap = torch.minimum(route.level, torch.minimum(supported, clean_depth))
+    verdict = calibration.check(embedding, paths, cap) if calibration is not None else None
+    level = verdict.depth if verdict is not None else cap
     if task_index is not None:
-        depth = torch.where(task_index >= 0, deepest, depth)
-    level = torch.minimum(route.level, depth)
+        level = torch.where(task_index >= 0, route.level, level)
     fell = level < route.level
-    route.clean_leaf = torch.where(fell & (clean_depth < supported) & (clean_depth <= vouched), clean_leaf, -1)
+    route.clean_leaf = torch.where(fell & (level == cap) & (clean_depth < supported), clean_leaf, -1)
     if verdict is not None:
-        route.refused = torch.where(fell & (vouched < torch.minimum(supported, clean_depth)), verdict.refused, -1)
+        route.refused = torch.where(fell & (level < cap), verdict.refused, -1)
         route.evidence = torch.stack([verdict.members.float(), verdict.gain, verdict.harmed.float()], 1)
     route.router_level, route.level = route.level, level
     route.node = paths.gather(1, level[:, None]).squeeze(1)
@@ -198,7 +196,7 @@ class UniRestorer(nn.Module):
                 why = (f"only {members:.0f} {nearest} went through node {refused}, too few to vouch for it"
                        if members < self.calibration.min_members else
                        f"{nearest}, {members:.0f} went through node {refused}, which gained {gain:+.2f} dB on average "
-                       f"over its parent and harmed {harmed:.0f} of them (> {HARM_DB} dB)")
+                       f"over node {node} and harmed {harmed:.0f} of them (> {HARM_DB} dB)")
             elif clean < 0:
                 trusted = self.tree.trusted_fraction(outside)
                 why = (f"the image lies outside the {'trusted' if trusted < 1 else 'training'} support of node "

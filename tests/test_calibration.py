@@ -26,13 +26,23 @@ def bank(points: list[tuple[list[float], int, list[float], int]]) -> Calibration
 def test_a_node_keeps_what_its_neighbours_gained_through_and_refuses_what_it_harmed() -> None:
     cal = bank([([0.0, 0.0], 0, [20.0, 23.0, 26.0], 30),  # leaf 3 gains over node 1, node 1 over the root
                 ([10.0, 0.0], 2, [20.0, 24.0, 21.0], 30),  # leaf 5 loses 3 dB to node 2 on every sample
-                ([0.0, 10.0], 3, [20.0, 15.0, 25.0], 30)])  # node 2 loses 5 dB to the root
-    v = cal.check(torch.tensor([[0.1, 0.0], [10.0, 0.1], [0.0, 9.9]]), LEAF_PATHS[[0, 2, 3]])
-    assert v.depth.tolist() == [2, 1, 0]
-    assert v.refused.tolist() == [-1, 5, 2]
-    assert v.members.tolist()[1:] == [30, 30]
-    assert v.gain.tolist()[1:] == [-3.0, -5.0]
-    assert v.harmed.tolist()[1:] == [30, 30]
+                ([0.0, 10.0], 3, [20.0, 15.0, 25.0], 30),  # node 2 loses 5 dB to the root, leaf 6 gains 5 over it
+                ([10.0, 10.0], 1, [20.0, 15.0, 18.0], 30)])  # node 1 loses 5 dB to the root, leaf 4 loses 2
+    v = cal.check(torch.tensor([[0.1, 0.0], [10.0, 0.1], [0.0, 9.9], [10.0, 9.9]]), LEAF_PATHS[[0, 2, 3, 1]])
+    assert v.depth.tolist() == [2, 1, 2, 0]  # a refused node does not bar a child that gains over its kept ancestor
+    assert v.refused.tolist() == [-1, 5, -1, 4]
+    assert v.members.tolist() == [30, 30, 30, 30]  # at the leaf, each measured against the node kept before it
+    assert v.gain.tolist() == [3.0, -3.0, 5.0, -2.0]
+    assert v.harmed.tolist() == [0, 30, 0, 30]
+
+
+def test_the_bank_judges_down_to_the_cap_the_other_checks_set() -> None:
+    cal = bank([([0.0, 0.0], 0, [20.0, 23.0, 26.0], 30), ([0.0, 10.0], 3, [20.0, 15.0, 25.0], 30)])
+    e, paths = torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.0, 10.0], [0.0, 10.0]]), LEAF_PATHS[[0, 0, 3, 3]]
+    v = cal.check(e, paths, torch.tensor([1, 0, 1, 0]))
+    assert v.depth.tolist() == [1, 0, 0, 0]
+    assert v.refused.tolist() == [-1, -1, 2, -1]  # node 2 refused at cap 1; at cap 0 nothing is asked of the bank
+    assert v.gain.tolist() == [3.0, 0.0, -5.0, 0.0] and v.members.tolist() == [30, 0, 30, 0]
 
 
 def test_too_few_neighbours_through_a_node_is_no_evidence_for_it() -> None:
@@ -92,7 +102,9 @@ def test_a_calibrated_bundle_round_trips_and_falls_back_where_the_bank_says(tiny
     deeper = [i for i, lvl in enumerate(before.level.tolist()) if lvl > 0]
     for i in deeper:  # the bank holds 24 samples, fewer than k: all of them vote
         assert "of the 24 calibration samples nearest to it, " in info[i]["fallback"]
-        assert "gained -3.00 dB on average over its parent" in info[i]["fallback"]
+        # the node of the router's level, against the root: level 1 lost 3 dB, the leaves 2
+        loss = {1: "-3.00", 2: "-2.00"}[int(before.level[i])]
+        assert f"gained {loss} dB on average over node 0" in info[i]["fallback"]
     # routes for a named task keep the router's level: the user named the degradation
     assert torch.equal(loaded.route(x, "noise").level, model.route(x, "noise").level)
 

@@ -43,7 +43,7 @@ FULL = Sizes(train_photos=300, val_photos=20, test_photos=12, per_image=4, store
              shard_size=256, cluster_samples=1500,
              micro_batch={"extractor": 16, "cluster": 32, "experts": 8, "router": 8},
              steps={"extractor": 2000, "experts": 900, "router": 300},
-             lr={"extractor": 3e-3, "experts": 1e-3, "router": 2e-3}, log_every=50)  # fmt: skip
+             lr={"extractor": 3e-3, "experts": 2e-3, "router": 2e-3}, log_every=50)  # fmt: skip
 QUICK = Sizes(train_photos=5, val_photos=1, test_photos=2, per_image=2, stored=64, patch=64, eval_crop=64,
               eval_per_photo=1,
               shard_size=64, cluster_samples=80,

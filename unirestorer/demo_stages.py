@@ -41,15 +41,18 @@ def stage_configs(out: Path, shards: list[str], val: list[str], sizes: Sizes, sc
     configs = {"extractor": stage("extractor", None), "cluster": stage("cluster", "extractor"),
                "experts": stage("experts", "extractor"), "router": stage("router", "experts")}
     configs["extractor"]["train"]["warmup_steps"] = min(100, steps["extractor"] // 10)
-    # the experts: the root alone for the first third, then each level from its parent, one level at a time; the
+    # the experts: the root alone for the first fifth, then each level from its parent, one level at a time, two
+    # fifths each (in thirds, the types were still half-trained: the haze type re-exposed the clean photos among
+    # its members, and the calibration check then kept hazy images from the haze leaves, BENCHMARKS.md); the
     # PSNR loss (mean over images of 10·log10 MSE) weighs a 1 dB gain the same on a mild blur as on a dark image,
     # where L1 is ruled by the dark and hazy images (bench/quality.py: +1.2 dB for the tree, BENCHMARKS.md)
     # Then the root alone again for a sixth as many steps, at a 60 dB floor (`train.root_polish_steps`): the
     # fallback learns to leave a near-clean photo as it is, and its children, done by then, stay as they are
     e = steps["experts"]
     polish = e // 6
-    configs["experts"]["train"] |= {"level_start_steps": [0, e // 3, 2 * e // 3], "loss": "psnr",
-                                    "level_end_steps": [e // 3, 2 * e // 3, e], "warmup_steps": min(20, e // 10),
+    types, leaves = max(1, e // 5), max(2, 3 * e // 5)  # the steps where levels 1 and 2 start
+    configs["experts"]["train"] |= {"level_start_steps": [0, types, leaves], "loss": "psnr",
+                                    "level_end_steps": [types, leaves, e], "warmup_steps": min(20, e // 10),
                                     "max_steps": e + polish, "root_polish_steps": polish}
     configs["experts"]["ckpt"]["every"] = configs["experts"]["log"]["val_every"] = e + polish
     # the router's level target is the coarsest level within ROUTER_MARGIN_DB of the best: a finer expert must
