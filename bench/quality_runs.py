@@ -54,7 +54,7 @@ def plan(base: dict[str, dict], ckpt: Path, seed: int) -> list[tuple[str, str, d
         cfg = copy.deepcopy(base["experts"])
         cfg["tree"] |= {"path": str(ckpt / "tree_dense"), "levels": [1]}
         cfg["train"] |= {"max_steps": steps, "level_start_steps": [0], "level_end_steps": [steps],
-                         "root_polish_steps": 0}
+                         "root_polish_steps": 0, "level_lrs": tree_train["level_lrs"][-1:]}  # a leaf's LR
         cfg["ckpt"] |= {"dir": str(ckpt / name), "every": steps}
         cfg["log"] |= {"val_every": steps}
         runs.append((name, "experts", cfg))

@@ -51,7 +51,10 @@ def stage_configs(out: Path, shards: list[str], val: list[str], sizes: Sizes, sc
     e = steps["experts"]
     polish = e // 6
     types, leaves = max(1, e // 5), max(2, 3 * e // 5)  # the steps where levels 1 and 2 start
-    configs["experts"]["train"] |= {"level_start_steps": [0, types, leaves], "loss": "psnr",
+    # the root, the fallback, at half the LR of the finer levels: at the full LR its polish stopped leaving a
+    # slightly blurred 47 dB photo alone (kodim14: -0.67 dB, BENCHMARKS.md "seventh session")
+    lr = sizes.lr["experts"]
+    configs["experts"]["train"] |= {"level_lrs": [lr / 2, lr, lr], "level_start_steps": [0, types, leaves], "loss": "psnr",
                                     "level_end_steps": [types, leaves, e], "warmup_steps": min(20, e // 10),
                                     "max_steps": e + polish, "root_polish_steps": polish}
     configs["experts"]["ckpt"]["every"] = configs["experts"]["log"]["val_every"] = e + polish
