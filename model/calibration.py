@@ -8,7 +8,7 @@ ground truth (`measure`). For a new image its `k` nearest bank samples vote, lev
 a node keeps the image only where at least `min_members` of those neighbours went through it, their mean
 gain over the node kept so far (the parent, or the parent's kept ancestor where the parent was refused) is
 not negative, and at most `harm_share` of them lost more than HARM_DB to it. A refused node does not bar its
-children: a type node that learned to leave its images nearly alone (gain -0.1 dB) would otherwise keep its
+children: a type node that learned to leave its images nearly alone (0 to -0.6 dB) would otherwise keep its
 leaves, which restore them, from every image (demo haze: 16.5 → 18.3 dB). The image goes to the deepest node
 kept (BENCHMARKS.md, "sixth session: local calibration" and "seventh session").
 

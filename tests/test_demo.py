@@ -73,7 +73,7 @@ def test_stage_configs_fit_the_schema_and_chain_the_stages(tmp_path: Path) -> No
     e = loaded["experts"]
     assert e.train.level_start_steps == [0, steps // 5, 3 * steps // 5]  # the root a fifth, each level two fifths
     assert e.train.level_end_steps == [steps // 5, 3 * steps // 5, steps]  # one level at a time, root first
-    assert loaded["experts"].train.level_lrs == [1e-3, 2e-3, 2e-3]  # the root, the fallback, at half
+    assert e.train.level_lrs == [1e-3, 2e-3, 2e-3]  # the root, the fallback, at half
     # then the root's polish, with a checkpoint and validation at the very end
     assert (e.train.max_steps, e.train.root_polish_steps) == (steps + steps // 6, steps // 6)
     assert e.ckpt.every == e.log.val_every == e.train.max_steps
