@@ -100,7 +100,9 @@ def write_checkpoint(engine: Any, ckpt_dir: str | Path, step: int, client_state:
     with atomic_path(path / f"rank_{rank:05d}_state.pt") as tmp:  # never through a link planted there
         torch.save(rank_state, tmp)
     for f in path.iterdir():  # durable before rank 0 marks the save complete (files of every rank, cheap)
-        if f.is_file() and not f.is_symlink():
+        # another rank's atomic_path temporary (".NAME.tmpPID.N") is fsynced by its writer and may be renamed
+        # away between this listing and the open: skip it (a CI run died on one, FileNotFoundError)
+        if f.is_file() and not f.is_symlink() and not f.name.startswith("."):
             fsync_file(f)
     return tag_for(step)
 
