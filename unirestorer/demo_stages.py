@@ -54,8 +54,9 @@ def stage_configs(out: Path, shards: list[str], val: list[str], sizes: Sizes, sc
     # the root, the fallback, at half the LR of the finer levels: at the full LR its polish stopped leaving a
     # slightly blurred 47 dB photo alone (kodim14: -0.67 dB, BENCHMARKS.md "seventh session")
     lr = sizes.lr["experts"]
-    configs["experts"]["train"] |= {"level_lrs": [lr / 2, lr, lr], "level_start_steps": [0, types, leaves], "loss": "psnr",
-                                    "level_end_steps": [types, leaves, e], "warmup_steps": min(20, e // 10),
+    configs["experts"]["train"] |= {"level_lrs": [lr / 2, lr, lr], "loss": "psnr",
+                                    "level_start_steps": [0, types, leaves], "level_end_steps": [types, leaves, e],
+                                    "warmup_steps": min(20, e // 10),
                                     "max_steps": e + polish, "root_polish_steps": polish}
     configs["experts"]["ckpt"]["every"] = configs["experts"]["log"]["val_every"] = e + polish
     # the router's level target is the coarsest level within ROUTER_MARGIN_DB of the best: a finer expert must
