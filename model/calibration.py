@@ -12,6 +12,13 @@ children: a type node that learned to leave its images nearly alone (0 to -0.6 d
 leaves, which restore them, from every image (demo haze: 16.5 → 18.3 dB). The image goes to the deepest node
 kept (BENCHMARKS.md, "sixth session: local calibration" and "seventh session").
 
+The embedding can be fooled where two kinds of image look alike to the extractor: Rain100L photos and bright
+clean scenes land in a haze type node and are darkened by 6 to 20 dB. The bank also keeps each sample's dark
+channel floor (`dark_floor`): haze adds airlight A(1 - t) to every pixel, so a hazy image has no dark patch, while
+most photos keep some (He et al., the dark channel prior). Each node's floor minimum is the `floor_quantile`
+quantile of the floors of the bank samples it did not harm; an image whose floor lies below the minimum of a node
+on its path stops above that node (`floor_depth`, BENCHMARKS.md "tenth session").
+
 The bank is stored beside a bundle in calibration.safetensors (`unirestorer calibrate BUNDLE`).
 """
 
@@ -21,11 +28,22 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Protocol, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 K, HARM_SHARE, MIN_MEMBERS = 30, 1 / 3, 3
+FLOOR_QUANTILE = 0.05  # a node's floor minimum leaves out this share of the samples it did not harm
+FLOOR_PATCH, FLOOR_PERCENTILE = 7, 0.05  # the dark channel's window (px) and the percentile that is its floor
 HARM_DB = 0.5  # a loss larger than this is harm, as the robustness benchmark counts it
 PSNR_CAP = 50.0  # dB: identical images score infinity; past 50 dB the difference is invisible (unirestorer/shifts.py)
+
+
+def dark_floor(x: Tensor) -> Tensor:
+    """Images [B,3,H,W] in [0,1] → [B]: the 5th percentile of the 7x7 dark channel (the minimum over colours and
+    the window). A percentile, not the minimum, so a few black pixels do not make a hazy image look clear."""
+    dark = -F.max_pool2d(-x.detach().float().amin(1, keepdim=True), FLOOR_PATCH, 1, FLOOR_PATCH // 2).flatten(1)
+    k = 1 + int(FLOOR_PERCENTILE * (dark.shape[1] - 1))  # kthvalue: torch.quantile refuses inputs over 16M values
+    return dark.kthvalue(k, dim=1).values
 
 
 class _Restorer(Protocol):  # what `measure` needs of a UniRestorer (model/unirestorer.py imports this module)
@@ -52,7 +70,8 @@ class Verdict:
 
 class Calibration:
     def __init__(self, embeddings: Tensor, paths: Tensor, psnr: Tensor, leaf_paths: Tensor, k: int = K,
-                 harm_share: float = HARM_SHARE, min_members: int = MIN_MEMBERS, shards: Sequence[str] = ()) -> None:
+                 harm_share: float = HARM_SHARE, min_members: int = MIN_MEMBERS, shards: Sequence[str] = (),
+                 floors: Tensor | None = None, floor_quantile: float = FLOOR_QUANTILE) -> None:
         n, levels = len(embeddings), leaf_paths.shape[1]
         if embeddings.ndim != 2 or paths.shape != (n, levels) or psnr.shape != (n, levels) or not n:
             raise ValueError(f"calibration: embeddings {tuple(embeddings.shape)}, paths {tuple(paths.shape)} and psnr "
@@ -62,12 +81,45 @@ class Calibration:
             row = int((~known).nonzero()[0])
             raise ValueError(f"calibration: sample {row}'s path {paths[row].tolist()} is not a root-to-leaf path "
                              f"of the tree")
-        if not (k >= 1 and 0 <= harm_share <= 1 and min_members >= 1):
+        if not (k >= 1 and 0 <= harm_share <= 1 and min_members >= 1 and 0 <= floor_quantile < 0.5):
             raise ValueError(f"calibration: k {k} must be >= 1, harm_share {harm_share} in [0, 1], min_members "
-                             f"{min_members} >= 1")
+                             f"{min_members} >= 1, floor_quantile {floor_quantile} in [0, 0.5)")
+        if floors is not None and floors.shape != (n,):
+            raise ValueError(f"calibration: floors {tuple(floors.shape)} must be [{n}], one per sample")
         self.embeddings, self.paths, self.psnr = embeddings.float(), paths.long(), psnr.float().clamp(max=PSNR_CAP)
         self.k, self.harm_share, self.min_members = int(k), float(harm_share), int(min_members)
         self.shards = list(shards)  # provenance: what the bank was measured on
+        self.floors, self.floor_quantile = (None if floors is None else floors.float()), float(floor_quantile)
+        self.floor_min = self._floor_minima(int(leaf_paths.max()) + 1)  # [n_nodes]; -inf: no evidence
+
+    def _floor_minima(self, n_nodes: int) -> Tensor:
+        """Per node, the `floor_quantile` quantile of the dark channel floors of the bank samples it did not harm
+        (at most HARM_DB below its parent); the root, and nodes with fewer than `min_members` such samples, -inf.
+        One-sided: a node that restored hazy images needs a raised floor; one that restored clear images takes
+        hazy ones too (a two-sided range cost the demo's low-light crops 0.5 dB)."""
+        minima = torch.full((n_nodes,), -torch.inf)
+        if self.floors is None:
+            return minima
+        for level in range(1, self.paths.shape[1]):
+            kept = self.psnr[:, level] >= self.psnr[:, level - 1] - HARM_DB
+            for node in self.paths[:, level].unique().tolist():
+                floors = self.floors[kept & (self.paths[:, level] == node)]
+                if len(floors) >= self.min_members:
+                    minima[node] = floors.quantile(self.floor_quantile)
+        return minima
+
+    def floor_depth(self, floors: Tensor, paths: Tensor) -> tuple[Tensor, Tensor]:
+        """Per image, the deepest level down `paths` [B, n_levels] whose nodes' floor minima its dark channel
+        floor `floors` [B] all reach (the leaf's level without floors in the bank), and the first node it does
+        not reach (-1 where it reaches all)."""
+        levels = paths.shape[1]
+        if self.floors is None:
+            return torch.full_like(paths[:, 0], levels - 1), torch.full_like(paths[:, 0], -1)
+        inside = floors[:, None] >= self.floor_min.to(floors.device)[paths]
+        inside[:, 0] = True
+        depth = inside.long().cumprod(1).sum(1) - 1
+        outside = paths.gather(1, (depth + 1).clamp(max=levels - 1)[:, None]).squeeze(1)
+        return depth, torch.where(depth < levels - 1, outside, -1)
 
     def __len__(self) -> int:
         return len(self.embeddings)
@@ -110,23 +162,27 @@ class Calibration:
 
     # ---- persistence ------------------------------------------------------------------------
     def to_state(self) -> tuple[dict, dict[str, Tensor]]:
-        return ({"samples": len(self), "k": self.k, "harm_share": self.harm_share, "min_members": self.min_members,
-                 "shards": self.shards},
-                {"embeddings": self.embeddings.contiguous(), "paths": self.paths.contiguous(),
-                 "psnr": self.psnr.contiguous()})
+        meta = {"samples": len(self), "k": self.k, "harm_share": self.harm_share, "min_members": self.min_members,
+                "shards": self.shards}
+        tensors = {"embeddings": self.embeddings.contiguous(), "paths": self.paths.contiguous(),
+                   "psnr": self.psnr.contiguous()}
+        if self.floors is not None:  # banks measured before the floors were kept have neither
+            meta["floor_quantile"], tensors["floors"] = self.floor_quantile, self.floors.contiguous()
+        return meta, tensors
 
     @classmethod
     def from_state(cls, meta: dict, tensors: dict[str, Tensor], leaf_paths: Tensor) -> "Calibration":
         return cls(tensors["embeddings"], tensors["paths"], tensors["psnr"], leaf_paths, meta["k"],
-                   meta["harm_share"], meta["min_members"], meta.get("shards", ()))
+                   meta["harm_share"], meta["min_members"], meta.get("shards", ()), tensors.get("floors"),
+                   meta.get("floor_quantile", FLOOR_QUANTILE))
 
 
 @torch.no_grad()
 def measure(model: _Restorer, batches: Iterable[dict], samples: int, leaf_paths: Tensor,
             shards: Sequence[str] = (), on_batch: Callable[[int], object] = lambda n: None) -> Calibration:
     """The bank of the first `samples` images of `batches` (dicts with "lq" and "gt" [B,3,H,W]): each image's
-    embedding, tree path and every path expert's PSNR. `on_batch(n)` reports progress."""
-    embs, paths, psnr, seen = [], [], [], 0
+    embedding, tree path, every path expert's PSNR and its dark channel floor. `on_batch(n)` reports progress."""
+    embs, paths, psnr, floors, seen = [], [], [], [], 0
     for b in batches:
         lq, gt = b["lq"][: samples - seen], b["gt"][: samples - seen]
         e = model.embed(lq)
@@ -134,10 +190,12 @@ def measure(model: _Restorer, batches: Iterable[dict], samples: int, leaf_paths:
         embs.append(e.float().cpu())
         paths.append(p.cpu())
         psnr.append(model.level_psnr(lq, gt, p).float().cpu())
+        floors.append(dark_floor(lq).cpu())
         seen += len(lq)
         on_batch(len(lq))
         if seen >= samples:
             break
     if not seen:
         raise ValueError("calibration: the shards gave no samples")
-    return Calibration(torch.cat(embs), torch.cat(paths), torch.cat(psnr), leaf_paths, shards=shards)
+    return Calibration(torch.cat(embs), torch.cat(paths), torch.cat(psnr), leaf_paths, shards=shards,
+                       floors=torch.cat(floors))

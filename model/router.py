@@ -40,6 +40,8 @@ class Route:
     clean_leaf: Tensor | None = None  # [B] the clean leaf that capped the level below the support check, or -1
     refused: Tensor | None = None  # [B] the node the calibration bank refused where that set the level, or -1
     evidence: Tensor | None = None  # [B, 3] at that node: neighbours through it, their mean gain (dB), harmed
+    floor: Tensor | None = None  # [B] the image's dark channel floor, where the bank keeps floors
+    floor_node: Tensor | None = None  # [B] the node whose floor range set the level, or -1
 
 
 def _head(dim: int) -> nn.Sequential:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from unirestorer.model.bundle_schema import BundleError
-from unirestorer.model.calibration import HARM_SHARE, K, Calibration, measure
+from unirestorer.model.calibration import FLOOR_QUANTILE, HARM_SHARE, K, Calibration, dark_floor, measure
 from unirestorer.model.unirestorer import CALIBRATION, CONFIG, UniRestorer, save_calibration
 
 LEAF_PATHS = torch.tensor([[0, 1, 3], [0, 1, 4], [0, 2, 5], [0, 2, 6]])
@@ -72,6 +72,39 @@ def test_a_path_the_tree_does_not_have_is_refused() -> None:
         Calibration(torch.zeros(2, 2), torch.tensor([[0, 1, 3], [0, 2, 3]]), torch.zeros(2, 3), LEAF_PATHS)
 
 
+def test_the_dark_floor_is_the_airlight_haze_adds_to_every_pixel() -> None:
+    g = torch.Generator().manual_seed(0)
+    clear = torch.rand(1, 3, 40, 40, generator=g) * 0.8 + 0.2
+    clear[..., :20, :20] = 0.0  # a shadow over a quarter of the photo
+    t, airlight = 0.6, 0.9
+    hazy = clear * t + airlight * (1 - t)  # I = J t + A (1 - t)
+    specks = hazy.clone()
+    specks[..., 30, 30:33] = 0.0  # three black pixels: their 7x7 windows cover 63 of 1600, under 5 %
+    floors = dark_floor(torch.cat([clear, hazy, specks, torch.full((1, 3, 40, 40), 0.3)]))
+    assert floors[0] == 0.0
+    torch.testing.assert_close(floors[1:], torch.tensor([airlight * (1 - t)] * 2 + [0.3]))
+
+
+def floor_bank() -> Calibration:
+    """Node 1 restored 40 samples with floors 0.20-0.59 and 10 with floor 0 that its leaf 3 then harmed; leaf 4
+    restored only 2; node 2 and leaf 5 restored 20 with floor 0.5."""
+    paths = LEAF_PATHS[[0] * 50 + [1] * 2 + [2] * 20]
+    psnr = torch.tensor([[20.0, 25.0, 30.0]] * 40 + [[20.0, 25.0, 20.0]] * 10 + [[20.0, 25.0, 30.0]] * 22)
+    floors = torch.cat([0.2 + 0.01 * torch.arange(40.0), torch.zeros(10), torch.full((2,), 0.3), torch.full((20,), 0.5)])
+    return Calibration(torch.zeros(len(paths), 2), paths, psnr, LEAF_PATHS, floors=floors)
+
+
+def test_a_node_takes_only_images_whose_floor_reaches_that_of_the_samples_it_did_not_harm() -> None:
+    cal = floor_bank()
+    # node 1 kept its 52 samples (10 of floor 0: its minimum is 0); leaf 3 harmed those 10, so they do not count
+    expected = [-torch.inf, 0.0, 0.5, 0.2 + 0.01 * 39 * FLOOR_QUANTILE, -torch.inf, 0.5, -torch.inf]
+    torch.testing.assert_close(cal.floor_min, torch.tensor(expected))  # root, leaf 4 (2 < min_members), leaf 6: none
+    depth, outside = cal.floor_depth(torch.tensor([0.5, 0.1, 0.6, 0.4, 0.0]), LEAF_PATHS[[0, 0, 1, 2, 2]])
+    assert depth.tolist() == [2, 1, 2, 0, 0] and outside.tolist() == [-1, 3, -1, 2, 2]
+    no_floors = Calibration(cal.embeddings, cal.paths, cal.psnr, LEAF_PATHS)
+    assert no_floors.floor_depth(torch.zeros(2), LEAF_PATHS[[0, 2]])[0].tolist() == [2, 2]  # a bank without floors
+
+
 def tree_images() -> torch.Tensor:
     """The images the tiny bundle's tree was fitted on (conftest.build_tiny_unirestorer): inside its support."""
     g = torch.Generator().manual_seed(0)
@@ -86,11 +119,15 @@ def harming_bank(model: UniRestorer) -> Calibration:
     return Calibration(e, paths, torch.tensor([[30.0, 27.0, 28.0]]).repeat(len(e), 1), model.tree.leaf_paths())
 
 
-def test_a_calibrated_bundle_round_trips_and_falls_back_where_the_bank_says(tiny_bundle, tmp_path) -> None:
+def copied(tiny_bundle: str, tmp_path) -> tuple:
+    """A copy of the tiny bundle to calibrate, its model, and the images its tree was fitted on."""
     folder = tmp_path / "b"
     shutil.copytree(tiny_bundle, folder)
-    model = UniRestorer.load_bundle(folder)
-    x = tree_images()
+    return folder, UniRestorer.load_bundle(folder), tree_images()
+
+
+def test_a_calibrated_bundle_round_trips_and_falls_back_where_the_bank_says(tiny_bundle, tmp_path) -> None:
+    folder, model, x = copied(tiny_bundle, tmp_path)
     before = model.route(x)
     assert int(before.level.max()) > 0  # the tiny router picks deeper levels for some images
     save_calibration(folder, harming_bank(model))
@@ -107,6 +144,30 @@ def test_a_calibrated_bundle_round_trips_and_falls_back_where_the_bank_says(tiny
         assert f"gained {loss} dB on average over node 0" in info[i]["fallback"]
     # routes for a named task keep the router's level: the user named the degradation
     assert torch.equal(loaded.route(x, "noise").level, model.route(x, "noise").level)
+
+
+def test_images_darker_in_places_than_what_a_node_restored_stop_above_it(tiny_bundle, tmp_path) -> None:
+    folder, model, x = copied(tiny_bundle, tmp_path)
+    e = model.embed(x)
+    gaining = torch.tensor([[20.0, 25.0, 30.0]]).repeat(len(e), 1)
+    model.calibration = Calibration(e, model.tree.path(e), gaining, model.tree.leaf_paths())
+    without = model.route(x).level
+    assert int(without.max()) > 0  # the vote keeps some images below the root
+    for floor in (0.0, 0.95):  # the bank's samples all had this floor
+        bank = Calibration(e, model.tree.path(e), gaining, model.tree.leaf_paths(), floors=torch.full((len(e),), floor))
+        save_calibration(folder, bank)
+        loaded = UniRestorer.load_bundle(folder)
+        assert torch.equal(loaded.calibration.floors, bank.floors) and loaded.calibration.floor_quantile == FLOOR_QUANTILE
+        route = loaded.route(x)
+        assert torch.equal(route.level, without if floor == 0.0 else torch.zeros_like(without))
+    _, info = loaded.restore(x)
+    floors = dark_floor(x)
+    assert float(floors.max()) < 0.95
+    for i in without.nonzero().squeeze(1).tolist():
+        node = int(model.router.leaf_paths[int(route.leaf[i])][1])
+        assert info[i]["fallback"].startswith(f"router chose level {int(route.router_level[i])}; its dark channel floor "
+                                              f"{float(floors[i]):.3f} lies below 0.950, that of all but 5% of the "
+                                              f"calibration samples node {node} did not harm (haze lifts every pixel")
 
 
 def test_save_bundle_keeps_the_bank_and_an_interrupted_recalibration_leaves_a_loadable_bundle(
@@ -159,6 +220,24 @@ def test_a_missing_or_damaged_bank_is_refused_naming_the_file(tiny_bundle, tmp_p
         UniRestorer.load_bundle(folder)
 
 
+def test_a_bank_whose_floors_do_not_match_its_entry_is_refused(tiny_bundle, tmp_path) -> None:
+    folder = tmp_path / "b"
+    shutil.copytree(tiny_bundle, folder)
+    save_calibration(folder, harming_bank(UniRestorer.load_bundle(folder)))  # no floors
+    config = json.loads((folder / CONFIG).read_text())
+    (folder / CONFIG).write_text(json.dumps(config | {"calibration": {**config["calibration"], "floor_quantile": 0.05}}))
+    with pytest.raises(BundleError, match="calibration.safetensors: tensor 'floors' is missing"):
+        UniRestorer.load_bundle(folder)
+    model = UniRestorer.load_bundle(tiny_bundle)
+    bank = harming_bank(model)
+    save_calibration(folder, Calibration(bank.embeddings, bank.paths, bank.psnr, model.tree.leaf_paths(),
+                                         floors=torch.zeros(len(bank))))
+    config = json.loads((folder / CONFIG).read_text())
+    (folder / CONFIG).write_text(json.dumps(config | {"calibration": {**config["calibration"], "floor_quantile": 0.7}}))
+    with pytest.raises(BundleError, match=r"floor_quantile 0.7 in \[0, 0.5\)"):
+        UniRestorer.load_bundle(folder)
+
+
 def test_measure_records_every_path_experts_psnr(tiny_bundle) -> None:
     model = UniRestorer.load_bundle(tiny_bundle)
     torch.manual_seed(2)
@@ -171,3 +250,4 @@ def test_measure_records_every_path_experts_psnr(tiny_bundle) -> None:
     paths = model.tree.path(model.embed(lq[:4]))
     assert torch.equal(cal.paths, paths)
     torch.testing.assert_close(cal.psnr, model.level_psnr(lq[:4], gt[:4], paths).clamp(max=50))
+    torch.testing.assert_close(cal.floors, dark_floor(lq[:4]))
