@@ -13,7 +13,7 @@ leaves, which restore them, from every image (demo haze: 16.5 → 18.3 dB). The 
 kept (BENCHMARKS.md, "sixth session: local calibration" and "seventh session").
 
 The embedding can be fooled where two kinds of image look alike to the extractor: Rain100L photos and bright
-clean scenes land in a haze type node and are darkened by 6 to 20 dB. The bank also keeps each sample's dark
+clean scenes land in a haze type node and are darkened by 6 to 31 dB. The bank also keeps each sample's dark
 channel floor (`dark_floor`): haze adds airlight A(1 - t) to every pixel, so a hazy image has no dark patch, while
 most photos keep some (He et al., the dark channel prior). Each node's floor minimum is the `floor_quantile`
 quantile of the floors of the bank samples it did not harm; an image whose floor lies below the minimum of a node

@@ -41,7 +41,7 @@ class Route:
     refused: Tensor | None = None  # [B] the node the calibration bank refused where that set the level, or -1
     evidence: Tensor | None = None  # [B, 3] at that node: neighbours through it, their mean gain (dB), harmed
     floor: Tensor | None = None  # [B] the image's dark channel floor, where the bank keeps floors
-    floor_node: Tensor | None = None  # [B] the node whose floor range set the level, or -1
+    floor_node: Tensor | None = None  # [B] the node whose floor minimum set the level, or -1
 
 
 def _head(dim: int) -> nn.Sequential:
