@@ -8,8 +8,8 @@ plain JSON values of bounded size, and a backbone that is a timm model name know
 content is accepted only where named (`FREE_FORM`), and the extractor's optional `families` list.
 An expert of a LoRA tree also has `"lora": {"rank": int >= 1, "alpha": float > 0, "base": node}`, its base a
 plain expert (no `lora`) of the same spec whose weights it is rebuilt on. An optional `calibration` object
-(`samples`, `k`, `harm_share`, `min_members`, the `shards` it was measured on, and `floor_quantile` where it keeps
-the samples' dark channel floors) names the bank in
+(`samples`, `k`, `harm_share`, `min_members`, the `shards` it was measured on, `floor_quantile` where it keeps
+the samples' dark channel floors and `ceiling_quantile` where it keeps their brightness ceilings) names the bank in
 calibration.safetensors (model/calibration.py), whose tensors are checked as the weights are.
 
 Sizes are bounded before anything is built: integers in [1, 65536] (fields named `*blocks` may be 0,
@@ -45,7 +45,7 @@ REQUIRED = ("format", "extractor", "router", "experts", "tree")
 FREE_FORM = ("source", "training_config")  # provenance written by export; never passed to a constructor
 OPTIONAL = ("calibration",)  # written by `unirestorer calibrate` (its tensors: calibration.safetensors)
 CALIBRATION_KEYS = {"samples": int, "k": int, "harm_share": float, "min_members": int, "shards": list[str],
-                    "floor_quantile": float}
+                    "floor_quantile": float, "ceiling_quantile": float}
 EXTRACTOR_EXTRAS = {"families": list[str]}  # optional keys the extractor config may carry beyond its kwargs
 TREE_KEYS = {"level_sizes": list[int], "parents": list[int], "counts": list[int], "task_names": list[str],
              "task_counts": list[list[int]], "radii": list[float],

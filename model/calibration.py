@@ -17,7 +17,10 @@ clean scenes land in a haze type node and are darkened by 6 to 31 dB. The bank a
 channel floor (`dark_floor`): haze adds airlight A(1 - t) to every pixel, so a hazy image has no dark patch, while
 most photos keep some (He et al., the dark channel prior). Each node's floor minimum is the `floor_quantile`
 quantile of the floors of the bank samples it did not harm; an image whose floor lies below the minimum of a node
-on its path stops above that node (`floor_depth`, BENCHMARKS.md "tenth session").
+on its path stops above that node (BENCHMARKS.md "tenth session"). Low light does the opposite: it dims every
+pixel, highlights included, so the bank also keeps each sample's brightness ceiling (`bright_ceiling`, the 95th
+percentile of luminance), and a node whose samples were exposed (a rain leaf) does not take an image whose
+highlights are dimmer than nearly all of theirs (`ceiling_quantile`; `light_depth`, "eleventh session").
 
 The bank is stored beside a bundle in calibration.safetensors (`unirestorer calibrate BUNDLE`).
 """
@@ -34,6 +37,9 @@ from torch import Tensor
 K, HARM_SHARE, MIN_MEMBERS = 30, 1 / 3, 3
 FLOOR_QUANTILE = 0.05  # a node's floor minimum leaves out this share of the samples it did not harm
 FLOOR_PATCH, FLOOR_PERCENTILE = 7, 0.05  # the dark channel's window (px) and the percentile that is its floor
+CEILING_QUANTILE = 0.01  # the same for ceilings; 5 % also kept the darkest heavy low light from low-light leaves
+CEILING_PERCENTILE = 0.95  # the luminance percentile that is an image's ceiling
+LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 luminance weights
 HARM_DB = 0.5  # a loss larger than this is harm, as the robustness benchmark counts it
 PSNR_CAP = 50.0  # dB: identical images score infinity; past 50 dB the difference is invisible (unirestorer/shifts.py)
 
@@ -44,6 +50,14 @@ def dark_floor(x: Tensor) -> Tensor:
     dark = -F.max_pool2d(-x.detach().float().amin(1, keepdim=True), FLOOR_PATCH, 1, FLOOR_PATCH // 2).flatten(1)
     k = 1 + int(FLOOR_PERCENTILE * (dark.shape[1] - 1))  # kthvalue: torch.quantile refuses inputs over 16M values
     return dark.kthvalue(k, dim=1).values
+
+
+def bright_ceiling(x: Tensor) -> Tensor:
+    """Images [B,3,H,W] in [0,1] → [B]: the 95th percentile of luminance. A percentile, not the maximum, so a
+    lamp or a specular point does not make a dark image look exposed."""
+    luma = (x.detach().float() * x.new_tensor(LUMA, dtype=torch.float32).view(1, 3, 1, 1)).sum(1).flatten(1)
+    k = 1 + int(CEILING_PERCENTILE * (luma.shape[1] - 1))
+    return luma.kthvalue(k, dim=1).values
 
 
 class _Restorer(Protocol):  # what `measure` needs of a UniRestorer (model/unirestorer.py imports this module)
@@ -71,7 +85,8 @@ class Verdict:
 class Calibration:
     def __init__(self, embeddings: Tensor, paths: Tensor, psnr: Tensor, leaf_paths: Tensor, k: int = K,
                  harm_share: float = HARM_SHARE, min_members: int = MIN_MEMBERS, shards: Sequence[str] = (),
-                 floors: Tensor | None = None, floor_quantile: float = FLOOR_QUANTILE) -> None:
+                 floors: Tensor | None = None, floor_quantile: float = FLOOR_QUANTILE,
+                 ceilings: Tensor | None = None, ceiling_quantile: float = CEILING_QUANTILE) -> None:
         n, levels = len(embeddings), leaf_paths.shape[1]
         if embeddings.ndim != 2 or paths.shape != (n, levels) or psnr.shape != (n, levels) or not n:
             raise ValueError(f"calibration: embeddings {tuple(embeddings.shape)}, paths {tuple(paths.shape)} and psnr "
@@ -81,45 +96,53 @@ class Calibration:
             row = int((~known).nonzero()[0])
             raise ValueError(f"calibration: sample {row}'s path {paths[row].tolist()} is not a root-to-leaf path "
                              f"of the tree")
-        if not (k >= 1 and 0 <= harm_share <= 1 and min_members >= 1 and 0 <= floor_quantile < 0.5):
+        if not (k >= 1 and 0 <= harm_share <= 1 and min_members >= 1 and 0 <= floor_quantile < 0.5
+                and 0 <= ceiling_quantile < 0.5):
             raise ValueError(f"calibration: k {k} must be >= 1, harm_share {harm_share} in [0, 1], min_members "
-                             f"{min_members} >= 1, floor_quantile {floor_quantile} in [0, 0.5)")
-        if floors is not None and floors.shape != (n,):
-            raise ValueError(f"calibration: floors {tuple(floors.shape)} must be [{n}], one per sample")
+                             f"{min_members} >= 1, floor_quantile {floor_quantile} and ceiling_quantile "
+                             f"{ceiling_quantile} in [0, 0.5)")
+        for name, values in (("floors", floors), ("ceilings", ceilings)):
+            if values is not None and values.shape != (n,):
+                raise ValueError(f"calibration: {name} {tuple(values.shape)} must be [{n}], one per sample")
         self.embeddings, self.paths, self.psnr = embeddings.float(), paths.long(), psnr.float().clamp(max=PSNR_CAP)
         self.k, self.harm_share, self.min_members = int(k), float(harm_share), int(min_members)
         self.shards = list(shards)  # provenance: what the bank was measured on
         self.floors, self.floor_quantile = (None if floors is None else floors.float()), float(floor_quantile)
-        self.floor_min = self._floor_minima(int(leaf_paths.max()) + 1)  # [n_nodes]; -inf: no evidence
+        self.ceilings, self.ceiling_quantile = (None if ceilings is None else ceilings.float()), float(ceiling_quantile)
+        n_nodes = int(leaf_paths.max()) + 1
+        self.floor_min = self._minima(self.floors, self.floor_quantile, n_nodes)  # [n_nodes]; -inf: no evidence
+        self.ceiling_min = self._minima(self.ceilings, self.ceiling_quantile, n_nodes)
 
-    def _floor_minima(self, n_nodes: int) -> Tensor:
-        """Per node, the `floor_quantile` quantile of the dark channel floors of the bank samples it did not harm
-        (at most HARM_DB below its parent); the root, and nodes with fewer than `min_members` such samples, -inf.
-        One-sided: a node that restored hazy images needs a raised floor; one that restored clear images takes
-        hazy ones too (a two-sided range cost the demo's low-light crops 0.5 dB)."""
+    def _minima(self, values: Tensor | None, quantile: float, n_nodes: int) -> Tensor:
+        """Per node, the `quantile` quantile of `values` (floors or ceilings) over the bank samples it did not
+        harm (at most HARM_DB below its parent); the root, and nodes with fewer than `min_members` such samples,
+        -inf. One-sided: a node that restored hazy images needs a raised floor, one that restored exposed images
+        needs bright highlights; one that restored clear or dark images takes hazy or exposed ones too (a
+        two-sided floor range cost the demo's low-light crops 0.5 dB)."""
         minima = torch.full((n_nodes,), -torch.inf)
-        if self.floors is None:
+        if values is None:
             return minima
         for level in range(1, self.paths.shape[1]):
             kept = self.psnr[:, level] >= self.psnr[:, level - 1] - HARM_DB
             for node in self.paths[:, level].unique().tolist():
-                floors = self.floors[kept & (self.paths[:, level] == node)]
-                if len(floors) >= self.min_members:
-                    minima[node] = floors.quantile(self.floor_quantile)
+                members = values[kept & (self.paths[:, level] == node)]
+                if len(members) >= self.min_members:
+                    minima[node] = members.quantile(quantile)
         return minima
 
-    def floor_depth(self, floors: Tensor, paths: Tensor) -> tuple[Tensor, Tensor]:
-        """Per image, the deepest level down `paths` [B, n_levels] whose nodes' floor minima its dark channel
-        floor `floors` [B] all reach (the leaf's level without floors in the bank), and the first node it does
-        not reach (-1 where it reaches all)."""
+    def light_depth(self, floors: Tensor, ceilings: Tensor, paths: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per image, the deepest level down `paths` [B, n_levels] whose nodes' floor and ceiling minima its dark
+        channel floor `floors` [B] and brightness ceiling `ceilings` [B] all reach (the leaf's level for what the
+        bank does not keep), the first node it does not reach (-1 where it reaches all), and whether that node's
+        ceiling, not its floor, refused it."""
+        minima = torch.stack([self.floor_min, self.ceiling_min]).to(paths.device)[:, paths]  # [2, B, n_levels]
+        inside = torch.stack([floors, ceilings]).to(paths.device)[..., None] >= minima
+        inside[..., 0] = True
+        depth = inside.long().cumprod(2).sum(2) - 1  # [2, B]: per statistic
         levels = paths.shape[1]
-        if self.floors is None:
-            return torch.full_like(paths[:, 0], levels - 1), torch.full_like(paths[:, 0], -1)
-        inside = floors[:, None] >= self.floor_min.to(floors.device)[paths]
-        inside[:, 0] = True
-        depth = inside.long().cumprod(1).sum(1) - 1
-        outside = paths.gather(1, (depth + 1).clamp(max=levels - 1)[:, None]).squeeze(1)
-        return depth, torch.where(depth < levels - 1, outside, -1)
+        first = depth.amin(0)
+        outside = paths.gather(1, (first + 1).clamp(max=levels - 1)[:, None]).squeeze(1)
+        return first, torch.where(first < levels - 1, outside, -1), depth[1] < depth[0]
 
     def __len__(self) -> int:
         return len(self.embeddings)
@@ -168,21 +191,25 @@ class Calibration:
                    "psnr": self.psnr.contiguous()}
         if self.floors is not None:  # banks measured before the floors were kept have neither
             meta["floor_quantile"], tensors["floors"] = self.floor_quantile, self.floors.contiguous()
+        if self.ceilings is not None:  # nor those measured before the ceilings
+            meta["ceiling_quantile"], tensors["ceilings"] = self.ceiling_quantile, self.ceilings.contiguous()
         return meta, tensors
 
     @classmethod
     def from_state(cls, meta: dict, tensors: dict[str, Tensor], leaf_paths: Tensor) -> "Calibration":
         return cls(tensors["embeddings"], tensors["paths"], tensors["psnr"], leaf_paths, meta["k"],
                    meta["harm_share"], meta["min_members"], meta.get("shards", ()), tensors.get("floors"),
-                   meta.get("floor_quantile", FLOOR_QUANTILE))
+                   meta.get("floor_quantile", FLOOR_QUANTILE), tensors.get("ceilings"),
+                   meta.get("ceiling_quantile", CEILING_QUANTILE))
 
 
 @torch.no_grad()
 def measure(model: _Restorer, batches: Iterable[dict], samples: int, leaf_paths: Tensor,
             shards: Sequence[str] = (), on_batch: Callable[[int], object] = lambda n: None) -> Calibration:
     """The bank of the first `samples` images of `batches` (dicts with "lq" and "gt" [B,3,H,W]): each image's
-    embedding, tree path, every path expert's PSNR and its dark channel floor. `on_batch(n)` reports progress."""
-    embs, paths, psnr, floors, seen = [], [], [], [], 0
+    embedding, tree path, every path expert's PSNR, its dark channel floor and its brightness ceiling.
+    `on_batch(n)` reports progress."""
+    embs, paths, psnr, floors, ceilings, seen = [], [], [], [], [], 0
     for b in batches:
         lq, gt = b["lq"][: samples - seen], b["gt"][: samples - seen]
         e = model.embed(lq)
@@ -191,6 +218,7 @@ def measure(model: _Restorer, batches: Iterable[dict], samples: int, leaf_paths:
         paths.append(p.cpu())
         psnr.append(model.level_psnr(lq, gt, p).float().cpu())
         floors.append(dark_floor(lq).cpu())
+        ceilings.append(bright_ceiling(lq).cpu())
         seen += len(lq)
         on_batch(len(lq))
         if seen >= samples:
@@ -198,4 +226,4 @@ def measure(model: _Restorer, batches: Iterable[dict], samples: int, leaf_paths:
     if not seen:
         raise ValueError("calibration: the shards gave no samples")
     return Calibration(torch.cat(embs), torch.cat(paths), torch.cat(psnr), leaf_paths, shards=shards,
-                       floors=torch.cat(floors))
+                       floors=torch.cat(floors), ceilings=torch.cat(ceilings))

@@ -42,6 +42,8 @@ class Route:
     evidence: Tensor | None = None  # [B, 3] at that node: neighbours through it, their mean gain (dB), harmed
     floor: Tensor | None = None  # [B] the image's dark channel floor, where the bank keeps floors
     floor_node: Tensor | None = None  # [B] the node whose floor minimum set the level, or -1
+    ceiling: Tensor | None = None  # [B] the image's brightness ceiling, where the bank keeps ceilings
+    ceiling_node: Tensor | None = None  # [B] the node whose ceiling minimum set the level, or -1
 
 
 def _head(dim: int) -> nn.Sequential:

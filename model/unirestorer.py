@@ -24,7 +24,7 @@ from unirestorer.safe_files import atomic_path, atomic_write, ensure_dir
 
 from . import bundle_schema
 from .bundle_schema import BUNDLE_FORMAT
-from .calibration import HARM_DB, Calibration, dark_floor
+from .calibration import HARM_DB, Calibration, bright_ceiling, dark_floor
 from .experts import create_expert
 from .extractor import DegradationExtractor
 from .lora import add_lora, has_lora, lora_settings, lora_state_dict
@@ -46,11 +46,12 @@ def dispatch(x: Tensor, nodes: Tensor, experts: Mapping[int, Callable[[Tensor], 
 
 def fall_back(route: Route, embedding: Tensor, tree: DegradationTree, leaf_paths: Tensor,
               task_index: Tensor | None = None, calibration: Calibration | None = None,
-              floors: Tensor | None = None) -> Route:
+              floors: Tensor | None = None, ceilings: Tensor | None = None) -> Route:
     """`route` with each blind image's level capped at the deepest level whose path nodes all hold its
     embedding (`tree.supported_depth`), where a clean leaf's support holds it at that leaf's common ancestor
-    with the path (`tree.clean_claim`), and with a calibration bank above the first path node whose floor minimum
-    the image's dark channel floor `floors` does not reach (`Calibration.floor_depth`), then at the deepest level the
+    with the path (`tree.clean_claim`), and with a calibration bank above the first path node whose floor or ceiling
+    minimum the image's dark channel floor `floors` or brightness ceiling `ceilings` does not reach
+    (`Calibration.light_depth`), then at the deepest level the
     bank's nearest samples vouch for (`Calibration.check`); images with a task (index >= 0) keep their level."""
     if tree.radii is None and calibration is None:
         return route
@@ -58,18 +59,20 @@ def fall_back(route: Route, embedding: Tensor, tree: DegradationTree, leaf_paths
     clean_depth, clean_leaf = tree.clean_claim(embedding, paths)
     supported = tree.supported_depth(embedding, paths)
     cap = torch.minimum(route.level, torch.minimum(supported, clean_depth))
-    floor_depth, floor_node = (calibration.floor_depth(floors, paths) if calibration is not None and floors is not None
-                               else (torch.full_like(cap, paths.shape[1] - 1), torch.full_like(cap, -1)))
-    by_floor = floor_depth < cap
-    cap = torch.minimum(cap, floor_depth)
+    light_depth, light_node, by_ceiling = (
+        calibration.light_depth(floors, ceilings, paths) if calibration is not None and floors is not None
+        else (torch.full_like(cap, paths.shape[1] - 1), torch.full_like(cap, -1), torch.zeros_like(cap, dtype=torch.bool)))
+    by_light = light_depth < cap
+    cap = torch.minimum(cap, light_depth)
     verdict = calibration.check(embedding, paths, cap) if calibration is not None else None
     level = verdict.depth if verdict is not None else cap
     if task_index is not None:
         level = torch.where(task_index >= 0, route.level, level)
     fell = level < route.level
-    route.clean_leaf = torch.where(fell & (level == cap) & ~by_floor & (clean_depth < supported), clean_leaf, -1)
-    route.floor_node = torch.where(fell & (level == cap) & by_floor, floor_node, -1)
-    route.floor = floors
+    route.clean_leaf = torch.where(fell & (level == cap) & ~by_light & (clean_depth < supported), clean_leaf, -1)
+    route.floor_node = torch.where(fell & (level == cap) & by_light & ~by_ceiling, light_node, -1)
+    route.ceiling_node = torch.where(fell & (level == cap) & by_light & by_ceiling, light_node, -1)
+    route.floor, route.ceiling = floors, ceilings
     if verdict is not None:
         route.refused = torch.where(fell & (level < cap), verdict.refused, -1)
         route.evidence = torch.stack([verdict.members.float(), verdict.gain, verdict.harmed.float()], 1)
@@ -120,15 +123,17 @@ class UniRestorer(nn.Module):
 
     def route(self, x: Tensor, task: TaskArg = None) -> Route:
         """The router's choice, then the support check: where the image's embedding lies outside the
-        training support (tree.radii) of a node on its path, where its dark channel floor lies below that of
-        nearly all bank samples that node did not harm, or where the calibration bank's nearest samples say that
+        training support (tree.radii) of a node on its path, where its dark channel floor or brightness ceiling
+        lies below that of nearly all bank samples that node did not harm, or where the calibration bank's nearest
+        samples say that
         node harmed images like it, the level falls back to that node's parent level, at most the
         root. Images routed in instruction mode (a task given) keep the router's level:
         the user named the degradation."""
         e = self.embed(x)
         route = self.router.route(e, task)
+        light = (dark_floor(x), bright_ceiling(x)) if self.calibration is not None else (None, None)
         return fall_back(route, e, self.tree, self.router.leaf_paths, self.router.task_index(task, len(e)),
-                         self.calibration, dark_floor(x) if self.calibration is not None else None)
+                         self.calibration, *light)
 
     def forward(self, x: Tensor, task: TaskArg = None, embedding: Tensor | None = None) -> tuple[Tensor, Route]:
         """Gated output E(x)·g/stopgrad(g): equal to the chosen expert's output, differentiable in g. The
@@ -200,6 +205,7 @@ class UniRestorer(nn.Module):
             outside, clean = path[out["level"] + 1], int(route.clean_leaf[i]) if route.clean_leaf is not None else -1
             refused = int(route.refused[i]) if route.refused is not None else -1
             floor_node = int(route.floor_node[i]) if route.floor_node is not None else -1
+            ceiling_node = int(route.ceiling_node[i]) if route.ceiling_node is not None else -1
             if refused >= 0:
                 members, gain, harmed = route.evidence[i].tolist()
                 nearest = f"of the {self.calibration.neighbours} calibration samples nearest to it"
@@ -212,6 +218,11 @@ class UniRestorer(nn.Module):
                        f"{float(self.calibration.floor_min[floor_node]):.3f}, that of all but "
                        f"{self.calibration.floor_quantile:.0%} of the calibration samples node {floor_node} did not "
                        f"harm (haze lifts every pixel: its darkest patches are darker than theirs)")
+            elif ceiling_node >= 0:
+                why = (f"its brightness ceiling {float(route.ceiling[i]):.3f} lies below "
+                       f"{float(self.calibration.ceiling_min[ceiling_node]):.3f}, that of all but "
+                       f"{self.calibration.ceiling_quantile:.0%} of the calibration samples node {ceiling_node} did "
+                       f"not harm (low light dims every pixel: its highlights are dimmer than theirs)")
             elif clean < 0:
                 trusted = self.tree.trusted_fraction(outside)
                 why = (f"the image lies outside the {'trusted' if trusted < 1 else 'training'} support of node "
@@ -363,8 +374,9 @@ def load_calibration(directory: Path, config: dict, tree: DegradationTree) -> Ca
     n, levels, dim = meta["samples"], tree.n_levels, config["router"]["dim"]
     expected = {"embeddings": torch.empty(n, dim, device="meta"), "psnr": torch.empty(n, levels, device="meta"),
                 "paths": torch.empty(n, levels, dtype=torch.long, device="meta")}
-    if "floor_quantile" in meta:
-        expected["floors"] = torch.empty(n, device="meta")
+    for key, name in (("floor_quantile", "floors"), ("ceiling_quantile", "ceilings")):
+        if key in meta:
+            expected[name] = torch.empty(n, device="meta")
     tensors = bundle_schema.read_tensors(f, "cpu")
     bundle_schema.check_tensors(tensors, expected, str(f))
     try:

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from unirestorer.model.bundle_schema import BundleError
-from unirestorer.model.calibration import FLOOR_QUANTILE, HARM_SHARE, K, Calibration, dark_floor, measure
+from unirestorer.model.calibration import (CEILING_QUANTILE, FLOOR_QUANTILE, HARM_SHARE, K, Calibration, bright_ceiling,
+                                           dark_floor, measure)
 from unirestorer.model.unirestorer import CALIBRATION, CONFIG, UniRestorer, save_calibration
 
 LEAF_PATHS = torch.tensor([[0, 1, 3], [0, 1, 4], [0, 2, 5], [0, 2, 6]])
@@ -99,10 +100,42 @@ def test_a_node_takes_only_images_whose_floor_reaches_that_of_the_samples_it_did
     # node 1 kept its 52 samples (10 of floor 0: its minimum is 0); leaf 3 harmed those 10, so they do not count
     expected = [-torch.inf, 0.0, 0.5, 0.2 + 0.01 * 39 * FLOOR_QUANTILE, -torch.inf, 0.5, -torch.inf]
     torch.testing.assert_close(cal.floor_min, torch.tensor(expected))  # root, leaf 4 (2 < min_members), leaf 6: none
-    depth, outside = cal.floor_depth(torch.tensor([0.5, 0.1, 0.6, 0.4, 0.0]), LEAF_PATHS[[0, 0, 1, 2, 2]])
-    assert depth.tolist() == [2, 1, 2, 0, 0] and outside.tolist() == [-1, 3, -1, 2, 2]
+    depth, outside, by_ceiling = cal.light_depth(torch.tensor([0.5, 0.1, 0.6, 0.4, 0.0]), torch.zeros(5),
+                                                 LEAF_PATHS[[0, 0, 1, 2, 2]])  # no ceilings in this bank: any passes
+    assert depth.tolist() == [2, 1, 2, 0, 0] and outside.tolist() == [-1, 3, -1, 2, 2] and not by_ceiling.any()
     no_floors = Calibration(cal.embeddings, cal.paths, cal.psnr, LEAF_PATHS)
-    assert no_floors.floor_depth(torch.zeros(2), LEAF_PATHS[[0, 2]])[0].tolist() == [2, 2]  # a bank without floors
+    assert no_floors.light_depth(torch.zeros(2), torch.zeros(2), LEAF_PATHS[[0, 2]])[0].tolist() == [2, 2]
+
+
+def test_the_brightness_ceiling_is_what_low_light_dims() -> None:
+    g = torch.Generator().manual_seed(0)
+    photo = torch.rand(1, 3, 40, 40, generator=g)
+    lamp = photo * 0.2
+    lamp[..., 30, 30:33] = 1.0  # three white pixels: 3 of 1600, under 5 %
+    red = torch.zeros(1, 3, 40, 40)
+    red[:, 0] = 1.0
+    ceilings = bright_ceiling(torch.cat([photo, photo * 0.2, lamp, red]))
+    torch.testing.assert_close(ceilings[1], ceilings[0] * 0.2)  # dimmed 5x: 5x lower
+    assert abs(float(ceilings[2] - ceilings[1])) < 1e-3  # the lamp moves it by three ranks, not to white
+    torch.testing.assert_close(ceilings[3], torch.tensor(0.299))  # luminance, BT.601 weights
+    luma = (photo * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1).flatten()
+    assert float((luma <= ceilings[0]).float().mean()) == pytest.approx(0.95, abs=1 / 1600)
+
+
+def test_a_node_takes_only_images_whose_highlights_reach_those_of_the_samples_it_did_not_harm() -> None:
+    floors_only = floor_bank()
+    ceilings = torch.cat([0.4 + 0.01 * torch.arange(40.0), torch.full((10,), 0.05), torch.full((22,), 0.3)])
+    cal = Calibration(floors_only.embeddings, floors_only.paths, floors_only.psnr, LEAF_PATHS,
+                      floors=floors_only.floors, ceilings=ceilings)
+    # node 1: 52 samples kept, 10 of them dim (0.05); leaf 3 harmed those 10; node 2 and leaf 5: 0.3
+    expected = [-torch.inf, 0.05, 0.3, 0.4 + 0.01 * 39 * CEILING_QUANTILE, -torch.inf, 0.3, -torch.inf]
+    torch.testing.assert_close(cal.ceiling_min, torch.tensor(expected))
+    floors = torch.tensor([0.5, 0.5, 0.5, 0.1, 0.5])
+    depth, outside, by_ceiling = cal.light_depth(floors, torch.tensor([0.9, 0.2, 0.04, 0.2, 0.2]),
+                                                 LEAF_PATHS[[0, 0, 0, 2, 2]])
+    # a dim image stops above leaf 3, a dimmer one above node 1; where both refuse at one node, the floor says so
+    assert depth.tolist() == [2, 1, 0, 0, 0] and outside.tolist() == [-1, 3, 1, 2, 2]
+    assert by_ceiling.tolist() == [False, True, True, False, True]
 
 
 def tree_images() -> torch.Tensor:
@@ -170,6 +203,31 @@ def test_images_darker_in_places_than_what_a_node_restored_stop_above_it(tiny_bu
                                               f"calibration samples node {node} did not harm (haze lifts every pixel")
 
 
+def test_images_dimmer_than_what_a_node_restored_stop_above_it(tiny_bundle, tmp_path) -> None:
+    folder, model, x = copied(tiny_bundle, tmp_path)
+    e = model.embed(x)
+    gaining = torch.tensor([[20.0, 25.0, 30.0]]).repeat(len(e), 1)
+    model.calibration = Calibration(e, model.tree.path(e), gaining, model.tree.leaf_paths())
+    without = model.route(x).level
+    for ceiling in (0.0, 0.99):  # the bank's samples all had this ceiling (and floor 0)
+        bank = Calibration(e, model.tree.path(e), gaining, model.tree.leaf_paths(), floors=torch.zeros(len(e)),
+                           ceilings=torch.full((len(e),), ceiling))
+        save_calibration(folder, bank)
+        loaded = UniRestorer.load_bundle(folder)
+        assert torch.equal(loaded.calibration.ceilings, bank.ceilings)
+        assert loaded.calibration.ceiling_quantile == CEILING_QUANTILE
+        route = loaded.route(x)
+        assert torch.equal(route.level, without if ceiling == 0.0 else torch.zeros_like(without))
+    _, info = loaded.restore(x)
+    ceilings = bright_ceiling(x)
+    assert float(ceilings.max()) < 0.99
+    for i in without.nonzero().squeeze(1).tolist():
+        node = int(model.router.leaf_paths[int(route.leaf[i])][1])
+        assert info[i]["fallback"].startswith(
+            f"router chose level {int(route.router_level[i])}; its brightness ceiling {float(ceilings[i]):.3f} lies "
+            f"below 0.990, that of all but 1% of the calibration samples node {node} did not harm (low light dims")
+
+
 def test_save_bundle_keeps_the_bank_and_an_interrupted_recalibration_leaves_a_loadable_bundle(
         tiny_bundle, tmp_path, monkeypatch) -> None:
     import unirestorer.model.unirestorer as unirestorer_module
@@ -220,7 +278,7 @@ def test_a_missing_or_damaged_bank_is_refused_naming_the_file(tiny_bundle, tmp_p
         UniRestorer.load_bundle(folder)
 
 
-def test_a_bank_whose_floors_do_not_match_its_entry_is_refused(tiny_bundle, tmp_path) -> None:
+def test_a_bank_whose_floors_or_ceilings_do_not_match_its_entry_is_refused(tiny_bundle, tmp_path) -> None:
     folder = tmp_path / "b"
     shutil.copytree(tiny_bundle, folder)
     save_calibration(folder, harming_bank(UniRestorer.load_bundle(folder)))  # no floors
@@ -234,7 +292,16 @@ def test_a_bank_whose_floors_do_not_match_its_entry_is_refused(tiny_bundle, tmp_
                                          floors=torch.zeros(len(bank))))
     config = json.loads((folder / CONFIG).read_text())
     (folder / CONFIG).write_text(json.dumps(config | {"calibration": {**config["calibration"], "floor_quantile": 0.7}}))
-    with pytest.raises(BundleError, match=r"floor_quantile 0.7 in \[0, 0.5\)"):
+    with pytest.raises(BundleError, match=r"floor_quantile 0.7 .*in \[0, 0.5\)"):
+        UniRestorer.load_bundle(folder)
+    (folder / CONFIG).write_text(json.dumps(config | {"calibration": {**config["calibration"], "ceiling_quantile": 0.01}}))
+    with pytest.raises(BundleError, match="calibration.safetensors: tensor 'ceilings' is missing"):
+        UniRestorer.load_bundle(folder)
+    save_calibration(folder, Calibration(bank.embeddings, bank.paths, bank.psnr, model.tree.leaf_paths(),
+                                         floors=torch.zeros(len(bank)), ceilings=torch.ones(len(bank))))
+    config = json.loads((folder / CONFIG).read_text())
+    (folder / CONFIG).write_text(json.dumps(config | {"calibration": {**config["calibration"], "ceiling_quantile": 0.5}}))
+    with pytest.raises(BundleError, match=r"ceiling_quantile 0.5 in \[0, 0.5\)"):
         UniRestorer.load_bundle(folder)
 
 
@@ -251,3 +318,4 @@ def test_measure_records_every_path_experts_psnr(tiny_bundle) -> None:
     assert torch.equal(cal.paths, paths)
     torch.testing.assert_close(cal.psnr, model.level_psnr(lq[:4], gt[:4], paths).clamp(max=50))
     torch.testing.assert_close(cal.floors, dark_floor(lq[:4]))
+    torch.testing.assert_close(cal.ceilings, bright_ceiling(lq[:4]))

@@ -2,8 +2,10 @@
 
 The step after `export`. It streams stored samples of the training shards (unshuffled, unaugmented, the stored
 degradations), runs every expert on each sample's own tree path and keeps the embedding, the path, the
-PSNRs and the dark channel floor (model/calibration.py). `restore` then lets a node keep an image only where its
-floor reaches that of the samples the node did not harm and the bank's nearest samples gained through that node. Shards and patch size default to the training config export stored in bundle.json.
+PSNRs, the dark channel floor and the brightness ceiling (model/calibration.py). `restore` then lets a node keep
+an image only where its floor and ceiling reach those of the samples the node did not harm and the bank's nearest
+samples gained through that node. Shards and patch size default to the training config export stored in
+bundle.json.
 One process, on CPU or one GPU: ~25 s for the demo's 1500 samples on two CPU cores.
 """
 
