@@ -179,53 +179,39 @@ def test_a_calibrated_bundle_round_trips_and_falls_back_where_the_bank_says(tiny
     assert torch.equal(loaded.route(x, "noise").level, model.route(x, "noise").level)
 
 
-def test_images_darker_in_places_than_what_a_node_restored_stop_above_it(tiny_bundle, tmp_path) -> None:
+LIGHT = {  # per statistic: its function, the bank's value that refuses every test image, the --explain reason
+    "floors": (dark_floor, 0.95, "its dark channel floor {v:.3f} lies below 0.950, that of all but 5% of the calibration "
+                                 "samples node {node} did not harm (haze lifts every pixel"),
+    "ceilings": (bright_ceiling, 0.99, "its brightness ceiling {v:.3f} lies below 0.990, that of all but 1% of the "
+                                       "calibration samples node {node} did not harm (low light dims every pixel"),
+}
+
+
+@pytest.mark.parametrize("stat", sorted(LIGHT))
+def test_images_darker_or_dimmer_than_what_a_node_restored_stop_above_it(stat, tiny_bundle, tmp_path) -> None:
+    of, refusing, says = LIGHT[stat]
     folder, model, x = copied(tiny_bundle, tmp_path)
     e = model.embed(x)
-    gaining = torch.tensor([[20.0, 25.0, 30.0]]).repeat(len(e), 1)
-    model.calibration = Calibration(e, model.tree.path(e), gaining, model.tree.leaf_paths())
+    paths, gaining = model.tree.path(e), torch.tensor([[20.0, 25.0, 30.0]]).repeat(len(e), 1)
+    model.calibration = Calibration(e, paths, gaining, model.tree.leaf_paths())
     without = model.route(x).level
     assert int(without.max()) > 0  # the vote keeps some images below the root
-    for floor in (0.0, 0.95):  # the bank's samples all had this floor
-        bank = Calibration(e, model.tree.path(e), gaining, model.tree.leaf_paths(), floors=torch.full((len(e),), floor))
-        save_calibration(folder, bank)
+    for value in (0.0, refusing):  # the bank's samples all had this floor (ceiling); the other statistic 0
+        light = {"floors": torch.zeros(len(e)), "ceilings": torch.zeros(len(e))} | {stat: torch.full((len(e),), value)}
+        save_calibration(folder, Calibration(e, paths, gaining, model.tree.leaf_paths(), **light))
         loaded = UniRestorer.load_bundle(folder)
-        assert torch.equal(loaded.calibration.floors, bank.floors) and loaded.calibration.floor_quantile == FLOOR_QUANTILE
+        assert torch.equal(getattr(loaded.calibration, stat), light[stat])
+        assert (loaded.calibration.floor_quantile, loaded.calibration.ceiling_quantile) == (FLOOR_QUANTILE,
+                                                                                            CEILING_QUANTILE)
         route = loaded.route(x)
-        assert torch.equal(route.level, without if floor == 0.0 else torch.zeros_like(without))
+        assert torch.equal(route.level, without if value == 0.0 else torch.zeros_like(without))
     _, info = loaded.restore(x)
-    floors = dark_floor(x)
-    assert float(floors.max()) < 0.95
+    values = of(x)
+    assert float(values.max()) < refusing
     for i in without.nonzero().squeeze(1).tolist():
         node = int(model.router.leaf_paths[int(route.leaf[i])][1])
-        assert info[i]["fallback"].startswith(f"router chose level {int(route.router_level[i])}; its dark channel floor "
-                                              f"{float(floors[i]):.3f} lies below 0.950, that of all but 5% of the "
-                                              f"calibration samples node {node} did not harm (haze lifts every pixel")
-
-
-def test_images_dimmer_than_what_a_node_restored_stop_above_it(tiny_bundle, tmp_path) -> None:
-    folder, model, x = copied(tiny_bundle, tmp_path)
-    e = model.embed(x)
-    gaining = torch.tensor([[20.0, 25.0, 30.0]]).repeat(len(e), 1)
-    model.calibration = Calibration(e, model.tree.path(e), gaining, model.tree.leaf_paths())
-    without = model.route(x).level
-    for ceiling in (0.0, 0.99):  # the bank's samples all had this ceiling (and floor 0)
-        bank = Calibration(e, model.tree.path(e), gaining, model.tree.leaf_paths(), floors=torch.zeros(len(e)),
-                           ceilings=torch.full((len(e),), ceiling))
-        save_calibration(folder, bank)
-        loaded = UniRestorer.load_bundle(folder)
-        assert torch.equal(loaded.calibration.ceilings, bank.ceilings)
-        assert loaded.calibration.ceiling_quantile == CEILING_QUANTILE
-        route = loaded.route(x)
-        assert torch.equal(route.level, without if ceiling == 0.0 else torch.zeros_like(without))
-    _, info = loaded.restore(x)
-    ceilings = bright_ceiling(x)
-    assert float(ceilings.max()) < 0.99
-    for i in without.nonzero().squeeze(1).tolist():
-        node = int(model.router.leaf_paths[int(route.leaf[i])][1])
-        assert info[i]["fallback"].startswith(
-            f"router chose level {int(route.router_level[i])}; its brightness ceiling {float(ceilings[i]):.3f} lies "
-            f"below 0.990, that of all but 1% of the calibration samples node {node} did not harm (low light dims")
+        assert info[i]["fallback"].startswith(f"router chose level {int(route.router_level[i])}; "
+                                              + says.format(v=float(values[i]), node=node))
 
 
 def test_save_bundle_keeps_the_bank_and_an_interrupted_recalibration_leaves_a_loadable_bundle(
