@@ -59,9 +59,11 @@ def fall_back(route: Route, embedding: Tensor, tree: DegradationTree, leaf_paths
     clean_depth, clean_leaf = tree.clean_claim(embedding, paths)
     supported = tree.supported_depth(embedding, paths)
     cap = torch.minimum(route.level, torch.minimum(supported, clean_depth))
-    light_depth, light_node, by_ceiling = (
-        calibration.light_depth(floors, ceilings, paths) if calibration is not None and floors is not None
-        else (torch.full_like(cap, paths.shape[1] - 1), torch.full_like(cap, -1), torch.zeros_like(cap, dtype=torch.bool)))
+    if calibration is not None and floors is not None and ceilings is not None:
+        light_depth, light_node, by_ceiling = calibration.light_depth(floors, ceilings, paths)
+    else:  # no bank: nothing refused here
+        light_depth, light_node = torch.full_like(cap, paths.shape[1] - 1), torch.full_like(cap, -1)
+        by_ceiling = torch.zeros_like(cap, dtype=torch.bool)
     by_light = light_depth < cap
     cap = torch.minimum(cap, light_depth)
     verdict = calibration.check(embedding, paths, cap) if calibration is not None else None
