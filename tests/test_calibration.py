@@ -240,10 +240,7 @@ def test_an_unknown_calibration_key_is_refused(tiny_bundle, tmp_path) -> None:
     folder = tmp_path / "b"
     shutil.copytree(tiny_bundle, folder)
     save_calibration(folder, harming_bank(UniRestorer.load_bundle(folder)))
-    config = json.loads((folder / CONFIG).read_text())
-    (folder / CONFIG).write_text(json.dumps(config | {"calibration": {**config["calibration"], "radius": 2}}))
-    with pytest.raises(BundleError, match="calibration: unknown key 'radius'"):
-        UniRestorer.load_bundle(folder)
+    refused(folder, {"radius": 2}, "calibration: unknown key 'radius'")
 
 
 def test_a_missing_or_damaged_bank_is_refused_naming_the_file(tiny_bundle, tmp_path) -> None:
@@ -255,40 +252,35 @@ def test_a_missing_or_damaged_bank_is_refused_naming_the_file(tiny_bundle, tmp_p
     with pytest.raises(BundleError, match=f"calibration is set but {folder / CALIBRATION} is missing"):
         UniRestorer.load_bundle(folder)
     (tmp_path / "moved").rename(folder / CALIBRATION)
-    config = json.loads((folder / CONFIG).read_text())
-    (folder / CONFIG).write_text(json.dumps(config | {"calibration": {**config["calibration"], "samples": 25}}))
-    with pytest.raises(BundleError, match=r"calibration.safetensors: tensor 'embeddings' has shape \(24, 16\)"):
+    refused(folder, {"samples": 25}, r"calibration.safetensors: tensor 'embeddings' has shape \(24, 16\)")
+    refused(folder, {"k": 0}, "calibration: samples, k and min_members must be >= 1")
+
+
+def refused(folder, change: dict, match: str) -> None:
+    """Loading fails with `match` once bundle.json's calibration entry takes `change`; the entry is then restored."""
+    original = (folder / CONFIG).read_text()
+    config = json.loads(original)
+    (folder / CONFIG).write_text(json.dumps(config | {"calibration": {**config["calibration"], **change}}))
+    with pytest.raises(BundleError, match=match):
         UniRestorer.load_bundle(folder)
-    (folder / CONFIG).write_text(json.dumps(config | {"calibration": {**config["calibration"], "k": 0}}))
-    with pytest.raises(BundleError, match="calibration: samples, k and min_members must be >= 1"):
-        UniRestorer.load_bundle(folder)
+    (folder / CONFIG).write_text(original)
 
 
 def test_a_bank_whose_floors_or_ceilings_do_not_match_its_entry_is_refused(tiny_bundle, tmp_path) -> None:
     folder = tmp_path / "b"
     shutil.copytree(tiny_bundle, folder)
-    save_calibration(folder, harming_bank(UniRestorer.load_bundle(folder)))  # no floors
-    config = json.loads((folder / CONFIG).read_text())
-    (folder / CONFIG).write_text(json.dumps(config | {"calibration": {**config["calibration"], "floor_quantile": 0.05}}))
-    with pytest.raises(BundleError, match="calibration.safetensors: tensor 'floors' is missing"):
-        UniRestorer.load_bundle(folder)
-    model = UniRestorer.load_bundle(tiny_bundle)
+    model = UniRestorer.load_bundle(folder)
     bank = harming_bank(model)
+    save_calibration(folder, bank)  # no floors, no ceilings
+    refused(folder, {"floor_quantile": 0.05}, "calibration.safetensors: tensor 'floors' is missing")
     save_calibration(folder, Calibration(bank.embeddings, bank.paths, bank.psnr, model.tree.leaf_paths(),
                                          floors=torch.zeros(len(bank))))
-    config = json.loads((folder / CONFIG).read_text())
-    (folder / CONFIG).write_text(json.dumps(config | {"calibration": {**config["calibration"], "floor_quantile": 0.7}}))
-    with pytest.raises(BundleError, match=r"floor_quantile 0.7 .*in \[0, 0.5\)"):
-        UniRestorer.load_bundle(folder)
-    (folder / CONFIG).write_text(json.dumps(config | {"calibration": {**config["calibration"], "ceiling_quantile": 0.01}}))
-    with pytest.raises(BundleError, match="calibration.safetensors: tensor 'ceilings' is missing"):
-        UniRestorer.load_bundle(folder)
+    refused(folder, {"floor_quantile": 0.7}, r"floor_quantile 0.7 .*in \[0, 0.5\)")
+    refused(folder, {"ceiling_quantile": 0.01}, "calibration.safetensors: tensor 'ceilings' is missing")
     save_calibration(folder, Calibration(bank.embeddings, bank.paths, bank.psnr, model.tree.leaf_paths(),
                                          floors=torch.zeros(len(bank)), ceilings=torch.ones(len(bank))))
-    config = json.loads((folder / CONFIG).read_text())
-    (folder / CONFIG).write_text(json.dumps(config | {"calibration": {**config["calibration"], "ceiling_quantile": 0.5}}))
-    with pytest.raises(BundleError, match=r"ceiling_quantile 0.5 in \[0, 0.5\)"):
-        UniRestorer.load_bundle(folder)
+    refused(folder, {"ceiling_quantile": 0.5}, r"ceiling_quantile 0.5 in \[0, 0.5\)")
+    UniRestorer.load_bundle(folder)  # restored: loads
 
 
 def test_measure_records_every_path_experts_psnr(tiny_bundle) -> None:
