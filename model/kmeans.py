@@ -4,7 +4,6 @@ Everything runs in torch on the points' device, in chunks, so millions of embedd
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from unirestorer.data_shards import layouts
 from unirestorer.data_shards.imageio import decode_png
-from unirestorer.data_shards.loader import expand_source
+from unirestorer.data_shards.shards import expand_source
 
 from unirestorer import cli
 
@@ -190,7 +190,7 @@ def test_lol_unreadable_and_mismatched_pairs_are_counted(tmp_path, capsys):
 
 def test_basicsr_template_and_regex(tmp_path):
     lq, gt = tmp_path / "LR_bicubic" / "X4", tmp_path / "HR"
-    a, b = img(lq / "0001_x4.png", 1), img(gt / "0001.png", 2)
+    img(lq / "0001_x4.png", 1), img(gt / "0001.png", 2)
     img(lq / "0002.png", 3)
     scan = layouts.scan_basicsr(lq, gt, "sr", template="{}_x4")
     assert [(p.lq.name, p.gt.name) for p in scan.sets["sr"]] == [("0001_x4.png", "0001.png")]

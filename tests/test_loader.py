@@ -12,7 +12,8 @@ import pytest
 import torch
 import webdataset as wds
 
-from unirestorer.data_shards.loader import EmptyShardsError, StreamConfig, make_loader, shard_order
+from unirestorer.data_shards.loader import StreamConfig, make_loader
+from unirestorer.data_shards.shards import EmptyShardsError, shard_order
 
 H, W = 20, 24  # stored image size
 P = 8  # patch
@@ -189,7 +190,7 @@ def test_corrupt_sample_logged_by_name_and_counted(tmp_path, caplog):
     spec, truth, bad = corrupt_set(tmp_path)
     single = spec.replace("{000000..000002}", "000000")
     loader = make_loader(cfg([single], batch_size=1, num_workers=0, shuffle_buffer=0, batches_per_epoch=3))
-    with caplog.at_level(logging.WARNING, logger="unirestorer.data_shards.loader"):
+    with caplog.at_level(logging.WARNING, logger="unirestorer.data_shards.shards"):
         batches = take(loader)
     assert [b["key"][0] for b in batches] == ["c00x000", "c00x004", "c00x005"]
     assert batches[1]["skipped"] == {"shards": 0, "samples": 3}
@@ -343,7 +344,7 @@ def test_online_never_decodes_a_resynthesised_samples_stored_lq(tmp_path, caplog
     bad = {"r00x001": {"lq.png": b"not a png"}, "r00x002": {"json": json.dumps({"task": "rain", "label": "x"})}}
     rewrite(tmp_path / "real" / "r-000000.tar", lambda x: {**x, **bad.get(x["__key__"], {})})
     loader = make_loader(cfg([spec], online=True, batch_size=1, num_workers=0, shuffle_buffer=0, batches_per_epoch=4))
-    with caplog.at_level(logging.WARNING, logger="unirestorer.data_shards.loader"):
+    with caplog.at_level(logging.WARNING, logger="unirestorer.data_shards.shards"):
         keys = [b["key"][0] for b in take(loader)]
     assert keys == ["r00x000", "r00x003", "r00x004", "r00x005"]
     assert "r00x001" in caplog.text and "lq.png: not a decodable PNG/JPEG image" in caplog.text

@@ -15,7 +15,7 @@ import traceback
 
 import torch.distributed as dist
 
-from unirestorer.data_shards.loader import EmptyShardsError
+from unirestorer.data_shards.shards import EmptyShardsError
 from unirestorer.train.checkpoint import CheckpointError
 from unirestorer.train.config import ConfigError, add_common_args, config_from_args
 from unirestorer.train.fail_fast import FailFast

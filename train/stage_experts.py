@@ -36,7 +36,7 @@ import json
 import sys
 import tarfile
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import deepspeed
 import torch
@@ -44,7 +44,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.nn.utils import parameters_to_vector
 
-from unirestorer.data_shards.loader import expand_source, make_loader
+from unirestorer.data_shards.loader import make_loader
+from unirestorer.data_shards.shards import expand_source
 from unirestorer.cuda_setup import optimizer_options
 from unirestorer.launch.env import DistInfo
 from unirestorer.model.lora import trainable_parameters

@@ -81,7 +81,6 @@ class Restorer:
         import torch
 
         from unirestorer.data_shards.imageio import ImageReadError
-        from unirestorer.explain import explanation
         from unirestorer.image_io import load_picture, output_name, save_picture
         from unirestorer.restore import restore_tensor, run_expert
 
