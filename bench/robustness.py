@@ -11,6 +11,8 @@ shifted data it was never trained on, built only from ../shared/data/test and th
   rain_other     Rain100L: real pairs, made by another rain generator
   lowlight_real  LOL eval15: real low-light pairs
   unseen_mix     mixtures the demo and the quality benchmark never train on (haze+noise, lowlight+rain, ...)
+  unseen_family  the library's families the bundle never trained (for the demo and bench/quality.py: JPEG
+                 and snow), at the library's ranges; left out where the bundle trained every family
 Synthetic sets take centre crops of Kodak24 and CBSD68 images, degraded with rng([seed, set, i]).
 
 Per set, one row: input, the classical floor (BM3D with σ estimated for noise images, the dark channel
@@ -28,11 +30,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from unirestorer.shifts import (COLUMNS, HARM_DB, HEAVY, MILD, ShiftSet, by_range, camera, identity, run_set,
-                                set_row, synthetic_set, unseen_mix)
+                                set_row, synthetic_set, unseen_families, unseen_family, unseen_mix)
 
 
 def clean_pool(test: Path, crop: int) -> list[tuple[str, np.ndarray]]:
@@ -61,10 +64,12 @@ def paired_set(name: str, lq_dir: Path, gt_dir: Path, task: str, n: int, crop: i
     return ShiftSet(name, samples, [task] * len(samples))
 
 
-def shift_sets(test: Path, n: int, crop: int, seed: int, quick: bool, names: tuple[str, ...] | None = None
-               ) -> list[ShiftSet]:  # fmt: skip
-    """The benchmark's sets (all, or `names`), each of at most n images."""
+def shift_sets(test: Path, n: int, crop: int, seed: int, quick: bool, names: tuple[str, ...] | None = None,
+               trained: Sequence[str] = ()) -> list[ShiftSet]:  # fmt: skip
+    """The benchmark's sets (all, or `names`), each of at most n images; `trained`: the bundle's training tasks
+    (tree.task_names), whose families the unseen_family set leaves out (without any: every family it has)."""
     pool = clean_pool(test, crop)
+    unseen = unseen_families(trained)
     builders = {
         "clean": lambda: synthetic_set("clean", pool, n, seed, 0, identity),
         "mild": lambda: synthetic_set("mild", pool, n, seed, 7, by_range(MILD)),
@@ -75,11 +80,16 @@ def shift_sets(test: Path, n: int, crop: int, seed: int, quick: bool, names: tup
         "lowlight_real": lambda: paired_set("lowlight_real", test / "LOL" / "low", test / "LOL" / "high", "lowlight",
                                             n, crop if quick else None),
         "unseen_mix": lambda: synthetic_set("unseen_mix", pool, n, seed, 28, unseen_mix),
+        "unseen_family": lambda: synthetic_set("unseen_family", pool, n, seed, 35, unseen_family(unseen)),
     }
     unknown = sorted(set(names or ()) - set(builders))
     if unknown:
         raise ValueError(f"unknown shift set(s) {unknown}; choose from {', '.join(builders)}")
-    return [builders[k]() for k in (names or builders)]
+    if not unseen:
+        if names and "unseen_family" in names:
+            raise ValueError(f"no unseen_family set: the bundle trained every family of the library ({', '.join(trained)})")
+        print("[robustness] unseen_family: left out, the bundle trained every family of the library", file=sys.stderr)
+    return [builders[k]() for k in (names or builders) if unseen or k != "unseen_family"]
 
 
 def markdown(rows: dict[str, dict], bundle: str) -> str:
@@ -125,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         model = load_model(args.bundle, "cpu")
-        sets = shift_sets(args.data, n, crop, args.seed, args.quick, tuple(args.sets.split(",")) if args.sets else None)
+        sets = shift_sets(args.data, n, crop, args.seed, args.quick, tuple(args.sets.split(",")) if args.sets else None,
+                          model.tree.task_names)
         out = ensure_dir(args.out)
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -1,5 +1,6 @@
 """bench/robustness.py --quick end to end on a tiny bundle: every shift set, its table row recomputed from the
-per-image records, and the sets built as documented (clean = the image itself, camera noise never trained on)."""
+per-image records, and the sets built as documented (clean = the image itself, camera noise never trained on,
+unseen families none of the bundle's tasks holds)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
 TEST_DATA = REPO.parent / "shared" / "data" / "test"
-SETS = ["clean", "mild", "heavy", "camera_noise", "rain_other", "lowlight_real", "unseen_mix"]
+SETS = ["clean", "mild", "heavy", "camera_noise", "rain_other", "lowlight_real", "unseen_mix", "unseen_family"]
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +68,27 @@ def test_sets_are_built_as_documented(result) -> None:
 
     assert "camera_noise_eval" not in DEGRADATIONS  # the camera set's pipeline is never a training degradation
     assert not {"blur+noise", "haze+rain", "lowlight+blur+noise"} & set(UNSEEN_MIXES)  # bench/quality.py's mixtures
+
+
+def test_unseen_families_are_those_no_training_task_holds() -> None:
+    from unirestorer.shifts import unseen_families
+
+    assert unseen_families(["blur", "clean", "haze", "lowlight", "noise", "rain"]) == ("jpeg", "snow")  # the demo
+    assert unseen_families(["blur+noise", "clean", "haze+rain", "lowlight+blur+noise"]) == ("jpeg", "snow")
+    assert unseen_families(["dark", "noise"]) == ("blur", "jpeg", "rain", "haze", "lowlight", "snow")  # the tiny bundle
+    assert unseen_families(["noise", "mixed"]) == ()  # "mixed" draws from every family
+
+
+def test_the_unseen_family_set_cycles_through_the_unseen_families_or_is_left_out(capsys) -> None:
+    if not TEST_DATA.is_dir():
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(f"{TEST_DATA} not found")
+    from robustness import shift_sets
+
+    (unseen,) = shift_sets(TEST_DATA, 3, 64, 0, True, ("unseen_family",), ["blur", "clean", "haze", "noise", "rain"])
+    assert [[c["family"] for c in s.label["components"]] for s in unseen.samples] == [["jpeg"], ["lowlight"], ["snow"]]
+    assert unseen.tasks == [None] * 3  # no classical floor: the input is the floor
+    every = ["noise", "blur", "jpeg", "rain", "haze", "lowlight", "snow"]
+    assert [s.name for s in shift_sets(TEST_DATA, 1, 64, 0, True, None, every)] == SETS[:-1]
+    assert "unseen_family: left out, the bundle trained every family" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="no unseen_family set: the bundle trained every family of the library"):
+        shift_sets(TEST_DATA, 1, 64, 0, True, ("unseen_family",), every)

@@ -1,4 +1,5 @@
-"""Shifted data for do-no-harm checks: clean, mild, heavy, camera noise and unseen mixtures, and their scores.
+"""Shifted data for do-no-harm checks: clean, mild, heavy, camera noise, unseen mixtures and unseen families, and
+their scores.
 
 Used by `unirestorer demo` (its shift section) and bench/robustness.py. A set is built from clean images
 and the degradation library only; image i is degraded with rng([seed, offset, i]), so a set is the same
@@ -8,7 +9,7 @@ on every machine. Scores come from `evaluate` per image, with the image's own cl
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -81,6 +82,27 @@ def unseen_mix(gt: np.ndarray, i: int, rng: np.random.Generator) -> tuple[np.nda
 
     lq, label = synthesize(gt, UNSEEN_MIXES[i % len(UNSEEN_MIXES)], rng)
     return lq, label, None
+
+
+def unseen_families(task_names: Sequence[str]) -> tuple[str, ...]:
+    """The library's families that none of a bundle's training tasks holds ("mixed" holds them all)."""
+    from unirestorer.data_shards.degradations import FAMILIES
+
+    if "mixed" in task_names:
+        return ()
+    trained = {family for task in task_names for family in task.split("+")}
+    return tuple(f for f in FAMILIES if f not in trained)
+
+
+def unseen_family(families: Sequence[str]) -> Callable:
+    """Image i gets family i mod len(families), at the library's own ranges: a degradation the bundle never saw
+    at all (for the demo: JPEG and snow), the closest proxy for a real photo's unknown defect."""
+    from unirestorer.data_shards.degradations import synthesize
+
+    def degrade(gt: np.ndarray, i: int, rng: np.random.Generator) -> tuple[np.ndarray, dict, None]:
+        lq, label = synthesize(gt, families[i % len(families)], rng)
+        return lq, label, None
+    return degrade
 
 
 def identity(gt: np.ndarray, i: int, rng: np.random.Generator) -> tuple[np.ndarray, dict, None]:
