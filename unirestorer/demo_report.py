@@ -76,9 +76,10 @@ def summary_table(doc: dict, levels: dict[str, list[int]]) -> str:
               f"{tree['level1_purity']}, leaves {tree['leaf_purity']}."]
     if doc.get("shifts"):
         lines += ["", "Shifted data (never trained on) on the same held-out crops: clean = as they are, mild = each family "
-                  "below its training range, camera_noise = camera noise of another pipeline than the trained one; "
-                  "router = the router's own level, routed = after the fallback checks (support, clean, "
-                  "calibration); PSNR capped at 50 dB:", "",
+                  "below its training range, camera_noise = camera noise of another pipeline than the trained one, "
+                  "unseen_family = the library's families no trained task holds (JPEG, snow for the default tasks); "
+                  "router = the router's own level, routed = after the fallback checks (support, clean, calibration); "
+                  "PSNR capped at 50 dB:", "",
                   shift_table(doc["shifts"])]
     return "\n".join(lines)
 
