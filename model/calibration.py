@@ -22,6 +22,13 @@ pixel, highlights included, so the bank also keeps each sample's brightness ceil
 percentile of luminance), and a node whose samples were exposed (a rain leaf) does not take an image whose
 highlights are dimmer than nearly all of theirs (`ceiling_quantile`; `light_depth`, "eleventh session").
 
+The bank also speaks for finer experts (`promote`): where the router stops above a node but nearly all of the
+neighbours that went through it gained clearly there (at least PROMOTE_GAIN_DB on average over the node kept
+before it, at most PROMOTE_HARM_SHARE of them harmed), the image goes down to it, within the support, clean and
+light checks. The router's level head learns its margin on training data and stays coarse on what it has not
+seen; the neighbours' outcome is evidence it lacks (an unseen haze+blur mixture +5.8 dB, a Rain100L photo the
+haze+rain type darkened restored by its leaf, BENCHMARKS.md "twelfth session").
+
 The bank is stored beside a bundle in calibration.safetensors (`unirestorer calibrate BUNDLE`).
 """
 
@@ -41,6 +48,9 @@ CEILING_QUANTILE = 0.01  # the same for ceilings; 5 % also kept the darkest heav
 CEILING_PERCENTILE = 0.95  # the luminance percentile that is an image's ceiling
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 luminance weights
 HARM_DB = 0.5  # a loss larger than this is harm, as the robustness benchmark counts it
+# promotion's bar: replayed on three bundles' records (about 2,000 images), 1 dB and a tenth moved 18 images, all
+# for the better; a fifth harmed let a mild photo into a node that darkened it by 26 dB ("twelfth session")
+PROMOTE_GAIN_DB, PROMOTE_HARM_SHARE = 1.0, 0.1
 PSNR_CAP = 50.0  # dB: identical images score infinity; past 50 dB the difference is invisible (unirestorer/shifts.py)
 
 
@@ -152,9 +162,13 @@ class Calibration:
         """How many bank samples vote for an image: k, or the whole bank where it is smaller."""
         return min(self.k, len(self))
 
-    def check(self, embeddings: Tensor, paths: Tensor, cap: Tensor | None = None) -> Verdict:
+    def check(self, embeddings: Tensor, paths: Tensor, cap: Tensor | None = None, min_gain: float = 0.0,
+              harm_share: float | None = None) -> Verdict:
         """The level each image's nearest bank samples vouch for, down its own path `paths` [B, n_levels] to
-        level `cap` [B] (the deepest the router and the other checks allow; default: the leaf)."""
+        level `cap` [B] (the deepest the router and the other checks allow; default: the leaf): a node is kept
+        where their mean gain over the node kept before it is at least `min_gain` dB and at most `harm_share`
+        (default: the bank's) of them were harmed."""
+        share = self.harm_share if harm_share is None else harm_share
         x = embeddings.detach().float()
         zero = torch.zeros(len(x), dtype=torch.long, device=x.device)
         levels = paths.shape[1]
@@ -173,7 +187,7 @@ class Calibration:
                 step = psnr[..., level] - base  # [B, k]: over the node kept so far
                 mean_gain = (step * through).sum(1) / count.clamp_min(1)
                 lost = ((step < -HARM_DB) & through).sum(1)
-                ok = (count >= self.min_members) & (mean_gain >= 0) & (lost <= self.harm_share * count)
+                ok = (count >= self.min_members) & (mean_gain >= min_gain) & (lost <= share * count)
                 at_cap = cap == level
                 members = torch.where(at_cap, count, members)
                 gain = torch.where(at_cap, mean_gain, gain)
@@ -182,6 +196,10 @@ class Calibration:
         at = paths.gather(1, cap[:, None]).squeeze(1)
         refused = torch.where(kept < cap, at, -1)
         return Verdict(kept, refused, members, gain, harmed)
+
+    def promote(self, embeddings: Tensor, paths: Tensor, cap: Tensor) -> Verdict:
+        """`check` at promotion's bar: the level the neighbours' clear gains vouch for, down to `cap`."""
+        return self.check(embeddings, paths, cap, PROMOTE_GAIN_DB, PROMOTE_HARM_SHARE)
 
     # ---- persistence ------------------------------------------------------------------------
     def to_state(self) -> tuple[dict, dict[str, Tensor]]:

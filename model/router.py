@@ -39,7 +39,8 @@ class Route:
     support: Tensor | None = None  # [B, n_levels] distance to each path node's centroid / that node's radius
     clean_leaf: Tensor | None = None  # [B] the clean leaf that capped the level below the support check, or -1
     refused: Tensor | None = None  # [B] the node the calibration bank refused where that set the level, or -1
-    evidence: Tensor | None = None  # [B, 3] at that node: neighbours through it, their mean gain (dB), harmed
+    promoted: Tensor | None = None  # [B] the node the calibration bank took the image down to past the router, or -1
+    evidence: Tensor | None = None  # [B, 3] at that node (either): neighbours through it, their mean gain (dB), harmed
     floor: Tensor | None = None  # [B] the image's dark channel floor, where the bank keeps floors
     floor_node: Tensor | None = None  # [B] the node whose floor minimum set the level, or -1
     ceiling: Tensor | None = None  # [B] the image's brightness ceiling, where the bank keeps ceilings

@@ -24,9 +24,10 @@ from unirestorer.safe_files import atomic_path, atomic_write, ensure_dir
 
 from . import bundle_schema
 from .bundle_schema import BUNDLE_FORMAT
-from .calibration import HARM_DB, Calibration, bright_ceiling, dark_floor
+from .calibration import Calibration, bright_ceiling, dark_floor
 from .experts import create_expert
 from .extractor import DegradationExtractor
+from .fallback import fall_back, fallback_reason
 from .lora import add_lora, has_lora, lora_settings, lora_state_dict
 from .router import Route, Router, TaskArg, best_level, gate, image_psnr
 from .tree import DegradationTree
@@ -42,47 +43,6 @@ def dispatch(x: Tensor, nodes: Tensor, experts: Mapping[int, Callable[[Tensor], 
         parts.append(experts[n](x[idx]))
         order.append(idx)
     return torch.cat(parts)[torch.argsort(torch.cat(order))]
-
-
-def fall_back(route: Route, embedding: Tensor, tree: DegradationTree, leaf_paths: Tensor,
-              task_index: Tensor | None = None, calibration: Calibration | None = None,
-              floors: Tensor | None = None, ceilings: Tensor | None = None) -> Route:
-    """`route` with each blind image's level capped at the deepest level whose path nodes all hold its
-    embedding (`tree.supported_depth`), where a clean leaf's support holds it at that leaf's common ancestor
-    with the path (`tree.clean_claim`), and with a calibration bank above the first path node whose floor or ceiling
-    minimum the image's dark channel floor `floors` or brightness ceiling `ceilings` does not reach
-    (`Calibration.light_depth`), then at the deepest level the
-    bank's nearest samples vouch for (`Calibration.check`); images with a task (index >= 0) keep their level."""
-    if tree.radii is None and calibration is None:
-        return route
-    paths = leaf_paths[route.leaf]
-    clean_depth, clean_leaf = tree.clean_claim(embedding, paths)
-    supported = tree.supported_depth(embedding, paths)
-    cap = torch.minimum(route.level, torch.minimum(supported, clean_depth))
-    if calibration is not None and floors is not None and ceilings is not None:
-        light_depth, light_node, by_ceiling = calibration.light_depth(floors, ceilings, paths)
-    else:  # no bank: nothing refused here
-        light_depth, light_node = torch.full_like(cap, paths.shape[1] - 1), torch.full_like(cap, -1)
-        by_ceiling = torch.zeros_like(cap, dtype=torch.bool)
-    by_light = light_depth < cap
-    cap = torch.minimum(cap, light_depth)
-    verdict = calibration.check(embedding, paths, cap) if calibration is not None else None
-    level = verdict.depth if verdict is not None else cap
-    if task_index is not None:
-        level = torch.where(task_index >= 0, route.level, level)
-    fell = level < route.level
-    route.clean_leaf = torch.where(fell & (level == cap) & ~by_light & (clean_depth < supported), clean_leaf, -1)
-    route.floor_node = torch.where(fell & (level == cap) & by_light & ~by_ceiling, light_node, -1)
-    route.ceiling_node = torch.where(fell & (level == cap) & by_light & by_ceiling, light_node, -1)
-    route.floor, route.ceiling = floors, ceilings
-    if verdict is not None:
-        route.refused = torch.where(fell & (level < cap), verdict.refused, -1)
-        route.evidence = torch.stack([verdict.members.float(), verdict.gain, verdict.harmed.float()], 1)
-    route.router_level, route.level = route.level, level
-    route.node = paths.gather(1, level[:, None]).squeeze(1)
-    if tree.radii is not None:
-        route.support = tree.distances(embedding, paths) / tree.radii.to(paths.device)[paths]
-    return route
 
 
 class UniRestorer(nn.Module):
@@ -202,38 +162,8 @@ class UniRestorer(nn.Module):
             out["router_level"] = int(route.router_level[i])
         if route.support is not None:
             out["support"] = [round(float(v), 3) for v in route.support[i]]  # distance / radius, path order
-        if route.router_level is not None and int(route.router_level[i]) > out["level"]:
-            path = self.router.leaf_paths[int(route.leaf[i])].tolist()
-            outside, clean = path[out["level"] + 1], int(route.clean_leaf[i]) if route.clean_leaf is not None else -1
-            refused = int(route.refused[i]) if route.refused is not None else -1
-            floor_node = int(route.floor_node[i]) if route.floor_node is not None else -1
-            ceiling_node = int(route.ceiling_node[i]) if route.ceiling_node is not None else -1
-            if refused >= 0:
-                members, gain, harmed = route.evidence[i].tolist()
-                nearest = f"of the {self.calibration.neighbours} calibration samples nearest to it"
-                why = (f"only {members:.0f} {nearest} went through node {refused}, too few to vouch for it"
-                       if members < self.calibration.min_members else
-                       f"{nearest}, {members:.0f} went through node {refused}, which gained {gain:+.2f} dB on average "
-                       f"over node {node} and harmed {harmed:.0f} of them (> {HARM_DB} dB)")
-            elif floor_node >= 0:
-                why = (f"its dark channel floor {float(route.floor[i]):.3f} lies below "
-                       f"{float(self.calibration.floor_min[floor_node]):.3f}, that of all but "
-                       f"{self.calibration.floor_quantile:.0%} of the calibration samples node {floor_node} did not "
-                       f"harm (haze lifts every pixel: its darkest patches are darker than theirs)")
-            elif ceiling_node >= 0:
-                why = (f"its brightness ceiling {float(route.ceiling[i]):.3f} lies below "
-                       f"{float(self.calibration.ceiling_min[ceiling_node]):.3f}, that of all but "
-                       f"{self.calibration.ceiling_quantile:.0%} of the calibration samples node {ceiling_node} did "
-                       f"not harm (low light dims every pixel: its highlights are dimmer than theirs)")
-            elif clean < 0:
-                trusted = self.tree.trusted_fraction(outside)
-                why = (f"the image lies outside the {'trusted' if trusted < 1 else 'training'} support of node "
-                       f"{outside} ({out['support'][out['level'] + 1]:.2f}x its radius"
-                       f"{f'; trusted within {trusted}x' if trusted < 1 else ''})")
-            else:
-                why = f"the image lies inside the training support of clean node {clean} (it may be clean)"
-            out["fallback"] = (f"router chose level {int(route.router_level[i])}; {why}, so level {out['level']} "
-                               f"(node {node}) restores it")
+        if (why := fallback_reason(route, i, out, self.tree, self.router.leaf_paths, self.calibration)) is not None:
+            out["fallback"] = why
         return out
 
     # ---- bundle ---------------------------------------------------------------------------------

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from unirestorer.model.bundle_schema import BundleError
-from unirestorer.model.calibration import (CEILING_QUANTILE, FLOOR_QUANTILE, HARM_SHARE, K, Calibration, bright_ceiling,
-                                           dark_floor, measure)
+from unirestorer.model.calibration import (CEILING_QUANTILE, FLOOR_QUANTILE, HARM_SHARE, K, PROMOTE_GAIN_DB,
+                                           PROMOTE_HARM_SHARE, Calibration, bright_ceiling, dark_floor, measure)
 from unirestorer.model.unirestorer import CALIBRATION, CONFIG, UniRestorer, save_calibration
 
 LEAF_PATHS = torch.tensor([[0, 1, 3], [0, 1, 4], [0, 2, 5], [0, 2, 6]])
@@ -59,6 +59,21 @@ def test_the_harm_share_is_the_line(harmed: int, depth: int) -> None:
     v = cal.check(torch.zeros(1, 2), LEAF_PATHS[[0]])
     assert v.depth.item() == depth
     assert v.gain.item() >= 0
+
+
+@pytest.mark.parametrize("gain, harmed, depth", [(PROMOTE_GAIN_DB + 0.01, round(PROMOTE_HARM_SHARE * K), 2),
+                                                 (PROMOTE_GAIN_DB - 0.1, 0, 0),
+                                                 (PROMOTE_GAIN_DB + 0.01, round(PROMOTE_HARM_SHARE * K) + 1, 0)])
+def test_promotion_takes_only_clear_gains_with_almost_no_harm(gain: float, harmed: int, depth: int) -> None:
+    """The bar past the router: a mean gain of at least 1 dB, at most a tenth of the neighbours harmed. The type
+    gains nothing here, so the leaf is measured against the root."""
+    good = K - harmed
+    lift = (gain * K + 1.0 * harmed) / good  # the unharmed gain this much, the harmed lose 1 dB: mean = gain
+    cal = bank([([0.0, 0.0], 0, [20.0, 20.0, 19.0], harmed), ([0.0, 0.0], 0, [20.0, 20.0, 20.0 + lift], good)])
+    v = cal.promote(torch.zeros(1, 2), LEAF_PATHS[[0]], torch.tensor([2]))
+    assert v.depth.item() == depth
+    assert v.gain.item() == pytest.approx(gain) and v.harmed.item() == harmed
+    assert cal.check(torch.zeros(1, 2), LEAF_PATHS[[0]], torch.tensor([2]), min_gain=gain + 0.01).depth.item() == 0
 
 
 def test_a_one_node_tree_has_nothing_to_fall_back_from() -> None:
@@ -176,6 +191,39 @@ def test_a_calibrated_bundle_round_trips_and_falls_back_where_the_bank_says(tiny
         loss = {1: "-3.00", 2: "-2.00"}[int(before.level[i])]
         assert f"gained {loss} dB on average over node 0" in info[i]["fallback"]
     # routes for a named task keep the router's level: the user named the degradation
+    assert torch.equal(loaded.route(x, "noise").level, model.route(x, "noise").level)
+
+
+def test_clear_gains_take_an_image_past_the_router_but_never_past_the_support(tiny_bundle, tmp_path) -> None:
+    folder, model, x = copied(tiny_bundle, tmp_path)
+    e = model.embed(x)
+    paths = model.tree.path(e)
+    for psnr, promoted in (([20.0, 25.0, 30.0], True), ([20.0, 20.4, 20.8], False)):  # 5 dB a level, or 0.8 in all
+        save_calibration(folder, Calibration(e, paths, torch.tensor([psnr]).repeat(len(e), 1), model.tree.leaf_paths()))
+        loaded = UniRestorer.load_bundle(folder)
+        route = loaded.route(x)
+        route_paths = loaded.router.leaf_paths[route.leaf]
+        hard = torch.minimum(loaded.tree.supported_depth(e, route_paths), loaded.tree.clean_claim(e, route_paths)[0])
+        below = route.router_level < hard
+        assert bool(below.any())  # the router stops above a node the support would allow for some images
+        assert torch.equal(route.level, torch.where(below, hard, route.level) if promoted else
+                           torch.minimum(route.router_level, hard))
+        assert torch.equal(route.promoted >= 0, below if promoted else torch.zeros_like(below))
+    _, info = loaded.restore(x)  # the weak bank: nothing promoted, no promotion reason
+    assert not any("(at least 1)" in i.get("fallback", "") for i in info)
+    save_calibration(folder, Calibration(e, paths, torch.tensor([[20.0, 25.0, 30.0]]).repeat(len(e), 1),
+                                         model.tree.leaf_paths()))
+    loaded = UniRestorer.load_bundle(folder)
+    route = loaded.route(x)
+    _, info = loaded.restore(x)
+    for i in (route.promoted >= 0).nonzero().squeeze(1).tolist():  # the bank's 24 samples, fewer than k, all vote
+        node = int(route.node[i])
+        through = int((paths[:, int(route.level[i])] == node).sum())
+        assert info[i]["fallback"] == (
+            f"router chose level {int(route.router_level[i])}; of the 24 calibration samples nearest to it, {through} went "
+            f"through node {node}, which gained +5.00 dB on average (at least 1) over the node kept above it and "
+            f"harmed 0 of them (> 0.5 dB), so level {int(route.level[i])} (node {node}) restores it")
+    # a named task keeps the router's level: the user named the degradation
     assert torch.equal(loaded.route(x, "noise").level, model.route(x, "noise").level)
 
 

@@ -1,0 +1,117 @@
+"""The checks between the router's choice and the expert that runs (issue 18, do no harm), and their reasons.
+
+The router picks a leaf and a level. A blind image then stops above the first path node whose support does not
+hold its embedding (`DegradationTree.supported_depth`, a type node only within its trusted core), where a clean
+leaf's support claims it (`clean_claim`), and above the first node whose dark channel floor or brightness ceiling
+minimum it does not reach (`Calibration.light_depth`); within that, the calibration bank's nearest samples vote
+level by level (`Calibration.check`), and where the router stopped above a node they gained clearly through, they
+take the image down to it (`Calibration.promote`). `fallback_reason` says which of these set the level.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .calibration import HARM_DB, PROMOTE_GAIN_DB, Calibration, Verdict
+from .router import Route
+from .tree import DegradationTree
+
+
+def fall_back(route: Route, embedding: Tensor, tree: DegradationTree, leaf_paths: Tensor,
+              task_index: Tensor | None = None, calibration: Calibration | None = None,
+              floors: Tensor | None = None, ceilings: Tensor | None = None) -> Route:
+    """`route` with each blind image's level set by the checks (module docstring): capped by the support, the
+    clean claim and the light check (`floors`, `ceilings`: the images' dark channel floors and brightness
+    ceilings), then the bank's vote below the router's level, or its promotion past it; images with a task
+    (index >= 0) keep their level."""
+    if tree.radii is None and calibration is None:
+        return route
+    paths = leaf_paths[route.leaf]
+    clean_depth, clean_leaf = tree.clean_claim(embedding, paths)
+    supported = tree.supported_depth(embedding, paths)
+    hard = torch.minimum(supported, clean_depth)  # what no evidence overrides
+    if calibration is not None and floors is not None and ceilings is not None:
+        light_depth, light_node, by_ceiling = calibration.light_depth(floors, ceilings, paths)
+    else:  # no bank: nothing refused here
+        light_depth, light_node = torch.full_like(hard, paths.shape[1] - 1), torch.full_like(hard, -1)
+        by_ceiling = torch.zeros_like(hard, dtype=torch.bool)
+    cap = torch.minimum(route.level, hard)
+    by_light = light_depth < cap
+    hard, cap = torch.minimum(hard, light_depth), torch.minimum(cap, light_depth)
+    verdict = calibration.check(embedding, paths, cap) if calibration is not None else None
+    level = verdict.depth if verdict is not None else cap
+    promoted = torch.zeros_like(level, dtype=torch.bool)
+    if calibration is not None:
+        deeper = calibration.promote(embedding, paths, hard).depth
+        promoted = (route.level < hard) & (deeper > level)
+        level = torch.where(promoted, deeper, level)
+    if task_index is not None:
+        promoted &= task_index < 0
+        level = torch.where(task_index >= 0, route.level, level)
+    fell = level < route.level
+    route.clean_leaf = torch.where(fell & (level == cap) & ~by_light & (clean_depth < supported), clean_leaf, -1)
+    route.floor_node = torch.where(fell & (level == cap) & by_light & ~by_ceiling, light_node, -1)
+    route.ceiling_node = torch.where(fell & (level == cap) & by_light & by_ceiling, light_node, -1)
+    route.floor, route.ceiling = floors, ceilings
+    route.router_level, route.level = route.level, level
+    route.node = paths.gather(1, level[:, None]).squeeze(1)
+    if verdict is not None:
+        route.refused = torch.where(fell & (level < cap), verdict.refused, -1)
+        route.promoted = torch.where(promoted, route.node, -1)
+        evidence = _evidence(verdict)
+        if bool(promoted.any()):  # the evidence at the node promotion took
+            evidence = torch.where(promoted[:, None], _evidence(calibration.promote(embedding, paths, level)), evidence)
+        route.evidence = evidence
+    if tree.radii is not None:
+        route.support = tree.distances(embedding, paths) / tree.radii.to(paths.device)[paths]
+    return route
+
+
+def _evidence(verdict: Verdict) -> Tensor:
+    """[B, 3]: neighbours through the node of the verdict's cap level, their mean gain (dB), how many it harmed."""
+    return torch.stack([verdict.members.float(), verdict.gain, verdict.harmed.float()], 1)
+
+
+def fallback_reason(route: Route, i: int, out: dict, tree: DegradationTree, leaf_paths: Tensor,
+                    calibration: Calibration | None) -> str | None:
+    """Why image i runs at another level than the router chose (`out`: its `describe` entry), or None."""
+    if route.router_level is None or int(route.router_level[i]) == out["level"]:
+        return None
+    node, path = out["node"], leaf_paths[int(route.leaf[i])].tolist()
+    nearest = f"of the {calibration.neighbours} calibration samples nearest to it" if calibration is not None else ""
+    promoted = int(route.promoted[i]) if route.promoted is not None else -1
+    refused = int(route.refused[i]) if route.refused is not None else -1
+    floor_node = int(route.floor_node[i]) if route.floor_node is not None else -1
+    ceiling_node = int(route.ceiling_node[i]) if route.ceiling_node is not None else -1
+    clean = int(route.clean_leaf[i]) if route.clean_leaf is not None else -1
+    if promoted >= 0:
+        members, gain, harmed = route.evidence[i].tolist()
+        why = (f"{nearest}, {members:.0f} went through node {promoted}, which gained {gain:+.2f} dB on average "
+               f"(at least {PROMOTE_GAIN_DB:g}) over the node kept above it and harmed {harmed:.0f} of them "
+               f"(> {HARM_DB} dB)")
+    elif refused >= 0:
+        members, gain, harmed = route.evidence[i].tolist()
+        why = (f"only {members:.0f} {nearest} went through node {refused}, too few to vouch for it"
+               if members < calibration.min_members else
+               f"{nearest}, {members:.0f} went through node {refused}, which gained {gain:+.2f} dB on average "
+               f"over node {node} and harmed {harmed:.0f} of them (> {HARM_DB} dB)")
+    elif floor_node >= 0:
+        why = (f"its dark channel floor {float(route.floor[i]):.3f} lies below "
+               f"{float(calibration.floor_min[floor_node]):.3f}, that of all but "
+               f"{calibration.floor_quantile:.0%} of the calibration samples node {floor_node} did not "
+               f"harm (haze lifts every pixel: its darkest patches are darker than theirs)")
+    elif ceiling_node >= 0:
+        why = (f"its brightness ceiling {float(route.ceiling[i]):.3f} lies below "
+               f"{float(calibration.ceiling_min[ceiling_node]):.3f}, that of all but "
+               f"{calibration.ceiling_quantile:.0%} of the calibration samples node {ceiling_node} did "
+               f"not harm (low light dims every pixel: its highlights are dimmer than theirs)")
+    elif clean < 0:
+        outside = path[out["level"] + 1]
+        trusted = tree.trusted_fraction(outside)
+        why = (f"the image lies outside the {'trusted' if trusted < 1 else 'training'} support of node "
+               f"{outside} ({out['support'][out['level'] + 1]:.2f}x its radius"
+               f"{f'; trusted within {trusted}x' if trusted < 1 else ''})")
+    else:
+        why = f"the image lies inside the training support of clean node {clean} (it may be clean)"
+    return f"router chose level {int(route.router_level[i])}; {why}, so level {out['level']} (node {node}) restores it"
