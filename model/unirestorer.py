@@ -84,13 +84,13 @@ class UniRestorer(nn.Module):
         return self
 
     def route(self, x: Tensor, task: TaskArg = None) -> Route:
-        """The router's choice, then the support check: where the image's embedding lies outside the
-        training support (tree.radii) of a node on its path, where its dark channel floor or brightness ceiling
-        lies below that of nearly all bank samples that node did not harm, or where the calibration bank's nearest
-        samples say that
-        node harmed images like it, the level falls back to that node's parent level, at most the
-        root. Images routed in instruction mode (a task given) keep the router's level:
-        the user named the degradation."""
+        """The router's choice, then the checks of model/fallback.py: where the image's embedding lies outside
+        the training support (tree.radii) of a node on its path, where its dark channel floor or brightness
+        ceiling lies below that of nearly all bank samples that node did not harm, or where the calibration
+        bank's nearest samples say that node harmed images like it, the level falls back to that node's parent
+        level, at most the root; where the router stopped above a node those samples gained clearly through,
+        it goes down to it. Images routed in instruction mode (a task given) keep the router's level: the user
+        named the degradation."""
         e = self.embed(x)
         route = self.router.route(e, task)
         light = (dark_floor(x), bright_ceiling(x)) if self.calibration is not None else (None, None)
