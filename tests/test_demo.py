@@ -85,6 +85,9 @@ def test_stage_configs_fit_the_schema_and_chain_the_stages(tmp_path: Path) -> No
     assert all(loaded[s].data.val_shards == ["v/shard-000000.tar"] for s in demo_stages.STAGES)
     assert loaded["extractor"].data.patch_size == loaded["extractor"].model.extractor_crop
     assert (e.model.arch, e.model.preset) == ("nafnet", "tiny")
+    assert {loaded[s].train.seed for s in demo_stages.STAGES} == {0}  # `unirestorer demo --seed S` seeds every stage
+    seeded = demo_stages.stage_configs(tmp_path, ["a.tar"], [], demo_data.FULL, 1.0, seed=3)
+    assert [seeded[s]["train"]["seed"] for s in demo_stages.STAGES] == [3, 3, 3, 3]
 
 
 def test_out_folder_is_reused_only_when_an_earlier_demo_made_it(tmp_path: Path) -> None:
@@ -183,7 +186,7 @@ def test_quick_demo_runs_end_to_end(tmp_path: Path) -> None:
     for task, row in summary["tasks"].items():
         assert row["n"] == len(crops) and row["oracle"] >= max(row["root"], row["leaf"], row["routed"]) - 1e-9
         assert re.search(rf"^\| {task} \| {len(crops)} \|( ([\d.]+|—) \|){{6}}", proc.stdout, re.M), task
-    assert summary["tree"]["level1_purity"] is not None and summary["seconds"] > 0
+    assert summary["tree"]["level1_purity"] is not None and summary["seconds"] > 0 and summary["seed"] == 0
     assert list(summary["shifts"]) == ["clean", "mild", "camera_noise", "unseen_family"]  # JPEG and snow
     for row in summary["shifts"].values():
         assert set(row) >= {"n", "input", "root", "leaf", "routed", "oracle", "harm_rate", "levels"}
@@ -195,6 +198,13 @@ def test_quick_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert any((out / "tensorboard" / "tb").glob("events.out.tfevents.*"))
     for log in (out / "logs").glob("*.log"):  # launch/env.py skip_shm_comm_op: no C++ op compiled or loaded
         assert "shm_comm_op" not in log.read_text(), log
+
+
+def test_a_negative_seed_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "unirestorer.cli", "demo", "--out", str(out), "--seed", "-1"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--seed must be >= 0" in proc.stderr and not out.exists()
 
 
 def test_clean_is_always_trained_never_a_table_task() -> None:

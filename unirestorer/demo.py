@@ -51,6 +51,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help=f"comma-separated tasks, or 'all' (default {','.join(DEMO_TASKS)})")
     p.add_argument("--gpus", type=int, default=0, metavar="N", help="train on N GPUs (default: 2 CPU ranks)")
     p.add_argument("--steps-scale", type=float, default=1.0, metavar="F", help="multiply every stage's steps by F")
+    p.add_argument("--seed", type=int, default=0, metavar="S",
+                   help="training crops, degradations and every stage's seed (default 0); the held-out crops stay "
+                        "the same, so two seeds measure the spread of a training run")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny data, a few steps (numbers mean nothing)")
     p.set_defaults(func=run)
 
@@ -101,8 +104,8 @@ def run(args: argparse.Namespace) -> int:
     from unirestorer.restore import load_model
 
     try:
-        if args.gpus < 0 or args.steps_scale <= 0:
-            raise ValueError("--gpus must be >= 0 and --steps-scale > 0")
+        if args.gpus < 0 or args.steps_scale <= 0 or args.seed < 0:
+            raise ValueError("--gpus and --seed must be >= 0 and --steps-scale > 0")
         tasks = parse_tasks(args.tasks)
         if args.photos is not None and not args.photos.is_dir():
             raise ValueError(f"--photos {args.photos}: no such folder")
@@ -127,12 +130,13 @@ def run(args: argparse.Namespace) -> int:
 
     progress.phase("training and validation shards, one set per task")
     trained = tasks + tuple(t for t in ALWAYS_TRAINED if t not in tasks)
-    shards = write_shards(train_dir, out / "shards" / "train", trained, sizes, sizes.per_image, seed=0)
-    val = write_shards(val_dir, out / "shards" / "val", trained, sizes, 1, seed=1000)
+    # write_shards seeds task i with seed + i: training 100·S + i, validation 1000 + 100·S + i (bench/quality.py's)
+    shards = write_shards(train_dir, out / "shards" / "train", trained, sizes, sizes.per_image, seed=100 * args.seed)
+    val = write_shards(val_dir, out / "shards" / "val", trained, sizes, 1, seed=1000 + 100 * args.seed)
     print(f"{sizes.per_image} clean {sizes.stored}-px crops per photo and task ({', '.join(trained)}) in "
           f"{out / 'shards'}; the training streams re-degrade them online")
 
-    if code := train_stages(out, shards, val, sizes, args.steps_scale, args.gpus, progress):
+    if code := train_stages(out, shards, val, sizes, args.steps_scale, args.gpus, progress, args.seed):
         return code
 
     progress.phase("restore the held-out degraded images")
@@ -151,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
     records, extractor, confusion = evaluate_tasks(model, heldout, out / "eval", device)
     shifts = evaluate_shifts(model, clean, out / "eval", device)
     stats = json.loads((out / "checkpoints" / "tree" / "tree_stats.json").read_text())
-    doc = summary(records, extractor, stats, progress.elapsed()) | {"shifts": shifts}
+    doc = summary(records, extractor, stats, progress.elapsed()) | {"seed": args.seed, "shifts": shifts}
     levels = {t: np.bincount([r["level"] for r in recs], minlength=len(recs[0]["path"])).tolist()
               for t, recs in records.items()}
     table = summary_table(doc, levels)

@@ -19,8 +19,10 @@ STAGES = ("extractor", "cluster", "experts", "router")
 ROUTER_MARGIN_DB = 0.3
 
 
-def stage_configs(out: Path, shards: list[str], val: list[str], sizes: Sizes, scale: float) -> dict[str, dict]:
-    """The demo's config of every stage, as nested {section: {key: value}} (train/config.py schema)."""
+def stage_configs(out: Path, shards: list[str], val: list[str], sizes: Sizes, scale: float, seed: int = 0
+                  ) -> dict[str, dict]:  # fmt: skip
+    """The demo's config of every stage, as nested {section: {key: value}} (train/config.py schema); `seed`
+    seeds each stage (initialisation, sampling, the tree's k-means)."""
     ck = out / "checkpoints"
     steps = {k: max(1, round(v * scale)) for k, v in sizes.steps.items()}
     data = {"train_shards": shards, "val_shards": val, "patch_size": sizes.patch, "num_workers": 1,
@@ -32,7 +34,7 @@ def stage_configs(out: Path, shards: list[str], val: list[str], sizes: Sizes, sc
     common = {"data": data, "model": model, "tree": tree}
 
     def stage(name: str, init: str | None) -> dict:
-        train = {"lr": sizes.lr[name], "max_steps": steps[name]} if name in steps else {}
+        train = ({"lr": sizes.lr[name], "max_steps": steps[name]} if name in steps else {}) | {"seed": seed}
         ckpt = {"dir": str(ck / name)} | ({"every": steps[name]} if name in steps else {})
         val_every = {"val_every": steps[name]} if name in steps else {}
         return {**common, "train": train | ({"init_ckpt": str(ck / init)} if init else {}), "ckpt": ckpt,
@@ -184,12 +186,12 @@ class Progress:
 
 
 def train_stages(out: Path, shards: list[str], val: list[str], sizes: Sizes, scale: float, gpus: int,
-                 progress: Progress) -> int:  # fmt: skip
+                 progress: Progress, seed: int = 0) -> int:  # fmt: skip
     """The four stages through the deepspeed launcher, each on its written config, then export and calibrate;
     0 or the failing code."""
     ranks = gpus or 2
     env = launcher_env(gpus)
-    for stage, cfg in stage_configs(out, shards, val, sizes, scale).items():
+    for stage, cfg in stage_configs(out, shards, val, sizes, scale, seed).items():
         path, log = out / "configs" / f"{stage}.toml", out / "logs" / f"{stage}.log"
         write_toml(path, cfg)
         steps = f", {cfg['train']['max_steps']} steps" if "max_steps" in cfg["train"] else ""
