@@ -1,8 +1,7 @@
 """The checks between the router's choice and the expert that runs (issue 18, do no harm), and their reasons.
 
-The router picks a leaf and a level. A blind image then runs only at a path node whose support, and every
-support above it, holds its embedding (`DegradationTree.supported_levels`: a type node runs only within its
-trusted core, its leaves within the whole support above them), no deeper than where a clean
+The router picks a leaf and a level. A blind image then stops above the first path node whose support does not
+hold its embedding (`DegradationTree.supported_depth`, a type node only within its trusted core), where a clean
 leaf's support claims it (`clean_claim`), and above the first node whose dark channel floor or brightness ceiling
 minimum it does not reach (`Calibration.light_depth`); within that, the calibration bank's nearest samples vote
 level by level (`Calibration.check`), and where the router stopped above a node they gained clearly through, they
@@ -16,7 +15,7 @@ from torch import Tensor
 
 from .calibration import HARM_DB, PROMOTE_GAIN_DB, Calibration, Verdict
 from .router import Route
-from .tree import DegradationTree, deepest_level
+from .tree import DegradationTree
 
 
 def fall_back(route: Route, embedding: Tensor, tree: DegradationTree, leaf_paths: Tensor,
@@ -30,8 +29,7 @@ def fall_back(route: Route, embedding: Tensor, tree: DegradationTree, leaf_paths
         return route
     paths = leaf_paths[route.leaf]
     clean_depth, clean_leaf = tree.clean_claim(embedding, paths)
-    allowed = tree.supported_levels(embedding, paths)  # a type node's outer shell bars only its own expert
-    supported = deepest_level(allowed)
+    supported = tree.supported_depth(embedding, paths)
     hard = torch.minimum(supported, clean_depth)  # what no evidence overrides
     if calibration is not None and floors is not None and ceilings is not None:
         light_depth, light_node, by_ceiling = calibration.light_depth(floors, ceilings, paths)
@@ -40,13 +38,12 @@ def fall_back(route: Route, embedding: Tensor, tree: DegradationTree, leaf_paths
         by_ceiling = torch.zeros_like(hard, dtype=torch.bool)
     cap = torch.minimum(route.level, hard)
     by_light = light_depth < cap
-    hard = deepest_level(allowed, torch.minimum(hard, light_depth))
-    cap = deepest_level(allowed, torch.minimum(cap, light_depth))
-    verdict = calibration.check(embedding, paths, cap, allowed=allowed) if calibration is not None else None
+    hard, cap = torch.minimum(hard, light_depth), torch.minimum(cap, light_depth)
+    verdict = calibration.check(embedding, paths, cap) if calibration is not None else None
     level = verdict.depth if verdict is not None else cap
     promoted = torch.zeros_like(level, dtype=torch.bool)
     if calibration is not None:
-        deeper = calibration.promote(embedding, paths, hard, allowed).depth
+        deeper = calibration.promote(embedding, paths, hard).depth
         promoted = (route.level < hard) & (deeper > level)
         level = torch.where(promoted, deeper, level)
     if task_index is not None:
@@ -64,8 +61,7 @@ def fall_back(route: Route, embedding: Tensor, tree: DegradationTree, leaf_paths
         route.promoted = torch.where(promoted, route.node, -1)
         evidence = _evidence(verdict)
         if bool(promoted.any()):  # the evidence at the node promotion took
-            evidence = torch.where(promoted[:, None], _evidence(calibration.promote(embedding, paths, level, allowed)),
-                                   evidence)
+            evidence = torch.where(promoted[:, None], _evidence(calibration.promote(embedding, paths, level)), evidence)
         route.evidence = evidence
     if tree.radii is not None:
         route.support = tree.distances(embedding, paths) / tree.radii.to(paths.device)[paths]

@@ -269,13 +269,8 @@ def test_support_check_falls_back_to_the_deepest_node_that_holds_the_image():
     assert [tree.trusted_fraction(n) for n in range(tree.n_nodes)] == [1.0] + [TRUSTED_FRACTION] * 2 + [1.0] * 4
     inside = (d <= tree.trusted_radii()[paths]).all(1)  # a type node's trusted core, the whole support below it
     assert tree.supported_depth(e, paths)[inside].tolist() == [2] * int(inside.sum())
-    beyond = tree.beyond(e, paths)
-    type_radius = tree.radii[paths[:, 1]]
-    shell = (d[:, 1] > TRUSTED_FRACTION * type_radius) & (d[:, 1] <= type_radius) & ~beyond[:, 1]
-    leaf_holds = (d[:, 2] <= tree.radii[paths[:, 2]]) | beyond[:, 2]
-    depth = tree.supported_depth(e, paths)
-    assert (shell & leaf_holds).any() and (depth[shell & leaf_holds] == 2).all()  # a type's outer shell: its leaves
-    assert (shell & ~leaf_holds).any() and (depth[shell & ~leaf_holds] == 0).all()  # but never the type itself
+    shell = (d[:, 1] > TRUSTED_FRACTION * tree.radii[paths[:, 1]]) & ~tree.beyond(e, paths)[:, 1]
+    assert shell.any() and (tree.supported_depth(e, paths)[shell] == 0).all()  # a type node's outer shell: the root
 
     model.router.g_g.bias.data[:] = torch.tensor([-5.0, -5.0, 5.0, 0.0, 0.0, 0.0])  # the router always picks leaves
     leaf_of = model.router.leaf_paths
