@@ -70,6 +70,11 @@ def bright_ceiling(x: Tensor) -> Tensor:
     return luma.kthvalue(k, dim=1).values
 
 
+def mean_luma(x: Tensor) -> Tensor:
+    """Images [B,3,H,W] in [0,1] → [B]: mean luminance, the exposure the guard in `UniRestorer.route` keeps."""
+    return (x.detach().float() * x.new_tensor(LUMA, dtype=torch.float32).view(1, 3, 1, 1)).sum(1).mean((1, 2))
+
+
 class _Restorer(Protocol):  # what `measure` needs of a UniRestorer (model/unirestorer.py imports this module)
     tree: object
 
@@ -163,11 +168,11 @@ class Calibration:
         return min(self.k, len(self))
 
     def check(self, embeddings: Tensor, paths: Tensor, cap: Tensor | None = None, min_gain: float = 0.0,
-              harm_share: float | None = None) -> Verdict:
+              harm_share: float | None = None, allowed: Tensor | None = None) -> Verdict:
         """The level each image's nearest bank samples vouch for, down its own path `paths` [B, n_levels] to
-        level `cap` [B] (the deepest the router and the other checks allow; default: the leaf): a node is kept
-        where their mean gain over the node kept before it is at least `min_gain` dB and at most `harm_share`
-        (default: the bank's) of them were harmed."""
+        level `cap` [B] (the deepest the router and the other checks allow; default: the leaf), at the levels
+        `allowed` [B, n_levels] (default: all): a node is kept where their mean gain over the node kept before it
+        is at least `min_gain` dB and at most `harm_share` (default: the bank's) of them were harmed."""
         share = self.harm_share if harm_share is None else harm_share
         x = embeddings.detach().float()
         zero = torch.zeros(len(x), dtype=torch.long, device=x.device)
@@ -192,14 +197,16 @@ class Calibration:
                 members = torch.where(at_cap, count, members)
                 gain = torch.where(at_cap, mean_gain, gain)
                 harmed = torch.where(at_cap, lost, harmed)
+                if allowed is not None:
+                    ok &= allowed[:, level].to(x.device)
                 kept = torch.where(ok & (level <= cap), level, kept)
         at = paths.gather(1, cap[:, None]).squeeze(1)
         refused = torch.where(kept < cap, at, -1)
         return Verdict(kept, refused, members, gain, harmed)
 
-    def promote(self, embeddings: Tensor, paths: Tensor, cap: Tensor) -> Verdict:
+    def promote(self, embeddings: Tensor, paths: Tensor, cap: Tensor, allowed: Tensor | None = None) -> Verdict:
         """`check` at promotion's bar: the level the neighbours' clear gains vouch for, down to `cap`."""
-        return self.check(embeddings, paths, cap, PROMOTE_GAIN_DB, PROMOTE_HARM_SHARE)
+        return self.check(embeddings, paths, cap, PROMOTE_GAIN_DB, PROMOTE_HARM_SHARE, allowed)
 
     # ---- persistence ------------------------------------------------------------------------
     def to_state(self) -> tuple[dict, dict[str, Tensor]]:

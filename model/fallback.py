@@ -1,11 +1,14 @@
 """The checks between the router's choice and the expert that runs (issue 18, do no harm), and their reasons.
 
-The router picks a leaf and a level. A blind image then stops above the first path node whose support does not
-hold its embedding (`DegradationTree.supported_depth`, a type node only within its trusted core), where a clean
+The router picks a leaf and a level. A blind image then runs only at a path node whose support, and every
+support above it, holds its embedding (`DegradationTree.supported_levels`: a type node runs only within its
+trusted core, its leaves within the whole support above them), no deeper than where a clean
 leaf's support claims it (`clean_claim`), and above the first node whose dark channel floor or brightness ceiling
 minimum it does not reach (`Calibration.light_depth`); within that, the calibration bank's nearest samples vote
 level by level (`Calibration.check`), and where the router stopped above a node they gained clearly through, they
-take the image down to it (`Calibration.promote`). `fallback_reason` says which of these set the level.
+take the image down to it (`Calibration.promote`). A node that would run in a type's outer shell runs only if its
+expert keeps the image's exposure (the exposure guard, `UniRestorer.route`, which passes what it bars as `barred`).
+`fallback_reason` says which of these set the level.
 """
 
 from __future__ import annotations
@@ -15,21 +18,30 @@ from torch import Tensor
 
 from .calibration import HARM_DB, PROMOTE_GAIN_DB, Calibration, Verdict
 from .router import Route
-from .tree import DegradationTree
+from .tree import DegradationTree, deepest_level
+
+# the exposure guard: the largest shift of mean luminance (in [0, 1]) an expert may make in a type's outer shell,
+# measured on the image shrunk to at most GUARD_SIDE pixels a side (exposure is global; a large photo untiled would
+# not fit a GPU)
+EXPOSURE_SHIFT, GUARD_SIDE = 0.05, 256
 
 
 def fall_back(route: Route, embedding: Tensor, tree: DegradationTree, leaf_paths: Tensor,
               task_index: Tensor | None = None, calibration: Calibration | None = None,
-              floors: Tensor | None = None, ceilings: Tensor | None = None) -> Route:
+              floors: Tensor | None = None, ceilings: Tensor | None = None, barred: Tensor | None = None) -> Route:
     """`route` with each blind image's level set by the checks (module docstring): capped by the support, the
     clean claim and the light check (`floors`, `ceilings`: the images' dark channel floors and brightness
-    ceilings), then the bank's vote below the router's level, or its promotion past it; images with a task
-    (index >= 0) keep their level."""
+    ceilings), then the bank's vote below the router's level, or its promotion past it; `barred` [B, n_levels]:
+    levels that may not run (the exposure guard's, `UniRestorer.route`); images with a task (index >= 0) keep
+    their level. `route.shell` says where the node that runs lies in a type's outer shell."""
     if tree.radii is None and calibration is None:
         return route
     paths = leaf_paths[route.leaf]
     clean_depth, clean_leaf = tree.clean_claim(embedding, paths)
-    supported = tree.supported_depth(embedding, paths)
+    allowed = tree.supported_levels(embedding, paths)  # a type node's outer shell bars only its own expert
+    if barred is not None:
+        allowed &= ~barred.to(allowed.device)
+    supported = deepest_level(allowed)
     hard = torch.minimum(supported, clean_depth)  # what no evidence overrides
     if calibration is not None and floors is not None and ceilings is not None:
         light_depth, light_node, by_ceiling = calibration.light_depth(floors, ceilings, paths)
@@ -38,12 +50,13 @@ def fall_back(route: Route, embedding: Tensor, tree: DegradationTree, leaf_paths
         by_ceiling = torch.zeros_like(hard, dtype=torch.bool)
     cap = torch.minimum(route.level, hard)
     by_light = light_depth < cap
-    hard, cap = torch.minimum(hard, light_depth), torch.minimum(cap, light_depth)
-    verdict = calibration.check(embedding, paths, cap) if calibration is not None else None
+    hard = deepest_level(allowed, torch.minimum(hard, light_depth))
+    cap = deepest_level(allowed, torch.minimum(cap, light_depth))
+    verdict = calibration.check(embedding, paths, cap, allowed=allowed) if calibration is not None else None
     level = verdict.depth if verdict is not None else cap
     promoted = torch.zeros_like(level, dtype=torch.bool)
     if calibration is not None:
-        deeper = calibration.promote(embedding, paths, hard).depth
+        deeper = calibration.promote(embedding, paths, hard, allowed).depth
         promoted = (route.level < hard) & (deeper > level)
         level = torch.where(promoted, deeper, level)
     if task_index is not None:
@@ -56,12 +69,16 @@ def fall_back(route: Route, embedding: Tensor, tree: DegradationTree, leaf_paths
     route.floor, route.ceiling = floors, ceilings
     route.router_level, route.level = route.level, level
     route.node = paths.gather(1, level[:, None]).squeeze(1)
+    route.shell = tree.in_shell(embedding, paths).gather(1, level[:, None]).squeeze(1)
+    if task_index is not None:
+        route.shell &= task_index < 0
     if verdict is not None:
         route.refused = torch.where(fell & (level < cap), verdict.refused, -1)
         route.promoted = torch.where(promoted, route.node, -1)
         evidence = _evidence(verdict)
         if bool(promoted.any()):  # the evidence at the node promotion took
-            evidence = torch.where(promoted[:, None], _evidence(calibration.promote(embedding, paths, level)), evidence)
+            evidence = torch.where(promoted[:, None], _evidence(calibration.promote(embedding, paths, level, allowed)),
+                                   evidence)
         route.evidence = evidence
     if tree.radii is not None:
         route.support = tree.distances(embedding, paths) / tree.radii.to(paths.device)[paths]
@@ -85,7 +102,12 @@ def fallback_reason(route: Route, i: int, out: dict, tree: DegradationTree, leaf
     floor_node = int(route.floor_node[i]) if route.floor_node is not None else -1
     ceiling_node = int(route.ceiling_node[i]) if route.ceiling_node is not None else -1
     clean = int(route.clean_leaf[i]) if route.clean_leaf is not None else -1
-    if promoted >= 0:
+    exposure = int(route.exposure_node[i]) if route.exposure_node is not None else -1
+    if exposure >= 0:
+        why = (f"node {exposure} lies in a type's outer shell for it, where a dark photo and low light look alike, "
+               f"and its expert would move the image's mean luminance by {float(route.exposure_shift[i]):.3f} "
+               f"(more than {EXPOSURE_SHIFT})")
+    elif promoted >= 0:
         members, gain, harmed = route.evidence[i].tolist()
         why = (f"{nearest}, {members:.0f} went through node {promoted}, which gained {gain:+.2f} dB on average "
                f"(at least {PROMOTE_GAIN_DB:g}) over the node kept above it and harmed {harmed:.0f} of them "

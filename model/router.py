@@ -45,6 +45,9 @@ class Route:
     floor_node: Tensor | None = None  # [B] the node whose floor minimum set the level, or -1
     ceiling: Tensor | None = None  # [B] the image's brightness ceiling, where the bank keeps ceilings
     ceiling_node: Tensor | None = None  # [B] the node whose ceiling minimum set the level, or -1
+    shell: Tensor | None = None  # [B] the node that runs lies in a type's outer shell (model/tree.py, `in_shell`)
+    exposure_node: Tensor | None = None  # [B] the node the exposure guard barred, or -1
+    exposure_shift: Tensor | None = None  # [B] that node's shift of the mean luminance (NaN where not barred)
 
 
 def _head(dim: int) -> nn.Sequential:

@@ -32,7 +32,9 @@ SUPPORT_QUANTILE = 0.99  # a node's support radius: the distance within which 99
 # A type node (level 1) is trusted only within this share of its radius: its outer shell is where the other families'
 # images nearest to it lie, and its expert harms them (two demo bundles, validation photos: past 0.7 a type expert's
 # mean gain is -0.1 to -2.1 dB and 10-28 % of the images lose > 0.5 dB, while a finer node still gains +0.6 to +4.1 dB
-# out to its radius; BENCHMARKS.md "The trusted core"). Deeper nodes hold their whole support: the type vouched for it.
+# out to its radius; BENCHMARKS.md "The trusted core"). The shell bars the type's own expert only: a leaf below it
+# still runs on what its whole support and the type's hold (`supported_levels`), if it keeps the image's exposure
+# (`in_shell`, the exposure guard in `UniRestorer.route`).
 TRUSTED_FRACTION = 0.7
 
 
@@ -45,6 +47,14 @@ def _split_total(total: int, counts: list[int], level: int) -> list[int]:
     rest = total - len(counts) - int(ks.sum())
     ks[torch.argsort(share - ks, descending=True, stable=True)[:rest]] += 1
     return [1 + int(v) for v in ks]
+
+
+def deepest_level(allowed: Tensor, upto: Tensor | None = None) -> Tensor:
+    """[B] the deepest level l <= `upto` [B] (default: the leaf level) with `allowed` [B, n_levels] True; level 0
+    when there is none."""
+    levels = torch.arange(allowed.shape[1], device=allowed.device).expand_as(allowed)
+    ok = allowed if upto is None else allowed & (levels <= upto.to(allowed.device)[:, None])
+    return torch.where(ok, levels, torch.zeros_like(levels)).amax(1)
 
 
 class DegradationTree:
@@ -190,16 +200,37 @@ class DegradationTree:
             radii[node] = members.quantile(quantile) if len(members) > 1 else radii[max(int(self.parents[node]), 0)]
         return radii.clamp_min(1e-6)
 
-    def supported_depth(self, embeddings: Tensor, paths: Tensor) -> Tensor:
-        """[B] the deepest level l such that every node on the path down to level l holds the embedding (0 at
-        least: the root holds everything). A node holds what lies within its trusted radius, and what lies past
-        it as seen from the clean images (`beyond`). Without radii: the leaf level."""
+    def supported_levels(self, embeddings: Tensor, paths: Tensor) -> Tensor:
+        """[B, n_levels] True where the node at that level may restore the image: every node on the path down
+        to it holds the embedding within its whole support, and the node itself within its trusted core (the
+        root holds everything). A type node's outer shell bars its own expert only: the leaves below it choose
+        the degree within what it holds, and a leaf's gain stays positive out to its radius (BENCHMARKS.md,
+        "fifth session"; barring the leaves too cost the seed-1 demo 1 dB on noise, "thirteenth session"). A node
+        also holds what lies past it as seen from the clean images (`beyond`). Without radii: all True."""
+        whole, trusted = self._held(embeddings, paths)
+        return whole.long().cumprod(1).bool() & trusted
+
+    def in_shell(self, embeddings: Tensor, paths: Tensor) -> Tensor:
+        """[B, n_levels] True where a node at or above that level lies outside its trusted core for the image:
+        a node there runs in the outer shell of a type, among the other families' nearest images, and only if
+        it keeps the image's exposure (`UniRestorer.route`). All False without radii."""
+        return ~self._held(embeddings, paths)[1].long().cumprod(1).bool()
+
+    def _held(self, embeddings: Tensor, paths: Tensor) -> tuple[Tensor, Tensor]:
+        """([B, n_levels] within each path node's whole support, [B, n_levels] within its trusted core); both
+        count what lies `beyond` the node, and the root holds everything."""
         if self.radii is None:
-            return torch.full((len(paths),), self.n_levels - 1, dtype=torch.long, device=paths.device)
-        held = self.distances(embeddings, paths) <= self.trusted_radii().to(paths.device)[paths]
-        held |= self.beyond(embeddings, paths)
-        held[:, 0] = True
-        return held.long().cumprod(1).sum(1) - 1
+            held = torch.ones(paths.shape, dtype=torch.bool, device=paths.device)
+            return held, held.clone()
+        d, beyond = self.distances(embeddings, paths), self.beyond(embeddings, paths)
+        whole = (d <= self.radii.to(paths.device)[paths]) | beyond
+        trusted = (d <= self.trusted_radii().to(paths.device)[paths]) | beyond
+        whole[:, 0] = trusted[:, 0] = True
+        return whole, trusted
+
+    def supported_depth(self, embeddings: Tensor, paths: Tensor) -> Tensor:
+        """[B] the deepest level whose node may restore the image (`supported_levels`; 0 at least)."""
+        return deepest_level(self.supported_levels(embeddings, paths))
 
     def trusted_fraction(self, node_id: int) -> float:
         """The share of a node's support radius within which the support check trusts its expert."""

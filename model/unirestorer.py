@@ -24,10 +24,10 @@ from unirestorer.safe_files import atomic_path, atomic_write, ensure_dir
 
 from . import bundle_schema
 from .bundle_schema import BUNDLE_FORMAT
-from .calibration import Calibration, bright_ceiling, dark_floor
+from .calibration import Calibration, bright_ceiling, dark_floor, mean_luma
 from .experts import create_expert
 from .extractor import DegradationExtractor
-from .fallback import fall_back, fallback_reason
+from .fallback import EXPOSURE_SHIFT, GUARD_SIDE, fall_back, fallback_reason
 from .lora import add_lora, has_lora, lora_settings, lora_state_dict
 from .router import Route, Router, TaskArg, best_level, gate, image_psnr
 from .tree import DegradationTree
@@ -89,13 +89,43 @@ class UniRestorer(nn.Module):
         ceiling lies below that of nearly all bank samples that node did not harm, or where the calibration
         bank's nearest samples say that node harmed images like it, the level falls back to that node's parent
         level, at most the root; where the router stopped above a node those samples gained clearly through,
-        it goes down to it. Images routed in instruction mode (a task given) keep the router's level: the user
-        named the degradation."""
+        it goes down to it. A node that would run in a type's outer shell and move the image's exposure is
+        barred, and the checks run again without it (the exposure guard, `_exposure_moved`). Images routed in
+        instruction mode (a task given) keep the router's level: the user named the degradation."""
         e = self.embed(x)
-        route = self.router.route(e, task)
         light = (dark_floor(x), bright_ceiling(x)) if self.calibration is not None else (None, None)
-        return fall_back(route, e, self.tree, self.router.leaf_paths, self.router.task_index(task, len(e)),
-                         self.calibration, *light)
+        task_index = self.router.task_index(task, len(e))
+        barred = torch.zeros(len(e), self.tree.n_levels, dtype=torch.bool, device=e.device)
+        node, shift = torch.full((len(e),), -1, device=e.device), torch.full((len(e),), torch.nan, device=e.device)
+        for _ in range(self.tree.n_levels):  # each pass bars one more level per image, at most
+            route = fall_back(self.router.route(e, task), e, self.tree, self.router.leaf_paths, task_index,
+                              self.calibration, *light, barred)
+            moved = self._exposure_moved(x, route)
+            if not bool(moved.any()):
+                break
+            barred[moved, route.level[moved]] = True
+            node, shift = torch.where(moved, route.node, node), torch.where(moved, route.exposure_shift, shift)
+        route.exposure_node, route.exposure_shift = node, shift
+        return route
+
+    def _exposure_moved(self, x: Tensor, route: Route) -> Tensor:
+        """[B] True where the node that runs lies in a type's outer shell and its expert would move the image's
+        mean luminance by more than EXPOSURE_SHIFT (on the image shrunk to GUARD_SIDE); `route.exposure_shift`
+        gets the shifts. In the shell the embedding cannot tell a dark, mildly noisy photo from low light, and a
+        low-light or haze expert re-exposes the whole photo (31 → 11.5 dB), while a noise or rain expert there
+        leaves the exposure and restores (BENCHMARKS.md, "fourteenth session")."""
+        route.exposure_shift = torch.full((len(x),), torch.nan, device=x.device)
+        if route.shell is None or not bool(route.shell.any()):
+            return torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        idx = route.shell.nonzero().squeeze(1)
+        small = x[idx]
+        if max(small.shape[-2:]) > GUARD_SIDE:
+            scale = GUARD_SIDE / max(small.shape[-2:])
+            small = F.interpolate(small, scale_factor=scale, mode="area")
+        with torch.no_grad():
+            y = dispatch(small, route.node[idx], self._pool()).clamp(0, 1)
+        route.exposure_shift[idx] = (mean_luma(y) - mean_luma(small)).abs()
+        return route.exposure_shift > EXPOSURE_SHIFT  # NaN compares False
 
     def forward(self, x: Tensor, task: TaskArg = None, embedding: Tensor | None = None) -> tuple[Tensor, Route]:
         """Gated output E(x)·g/stopgrad(g): equal to the chosen expert's output, differentiable in g. The

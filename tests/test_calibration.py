@@ -11,6 +11,7 @@ import torch
 from unirestorer.model.bundle_schema import BundleError
 from unirestorer.model.calibration import (CEILING_QUANTILE, FLOOR_QUANTILE, HARM_SHARE, K, PROMOTE_GAIN_DB,
                                            PROMOTE_HARM_SHARE, Calibration, bright_ceiling, dark_floor, measure)
+from unirestorer.model.tree import deepest_level
 from unirestorer.model.unirestorer import CALIBRATION, CONFIG, UniRestorer, save_calibration
 
 LEAF_PATHS = torch.tensor([[0, 1, 3], [0, 1, 4], [0, 2, 5], [0, 2, 6]])
@@ -44,6 +45,19 @@ def test_the_bank_judges_down_to_the_cap_the_other_checks_set() -> None:
     assert v.depth.tolist() == [1, 0, 0, 0]
     assert v.refused.tolist() == [-1, -1, 2, -1]  # node 2 refused at cap 1; at cap 0 nothing is asked of the bank
     assert v.gain.tolist() == [3.0, 0.0, -5.0, 0.0] and v.members.tolist() == [30, 0, 30, 0]
+
+
+def test_a_level_the_support_bars_is_never_kept_and_the_node_below_it_is_judged_against_the_one_above() -> None:
+    """A type node's outer shell bars its own expert only (DegradationTree.supported_levels): the vote skips it."""
+    cal = bank([([0.0, 0.0], 0, [20.0, 23.0, 21.0], 30),  # node 1 +3 over the root, leaf 3 -2 under node 1
+                ([0.0, 10.0], 3, [20.0, 23.0, 19.0], 30)])  # node 2 +3, leaf 6 -4 under it, -1 under the root
+    e, paths = torch.tensor([[0.0, 0.0], [0.0, 10.0]]), LEAF_PATHS[[0, 3]]
+    assert cal.check(e, paths).depth.tolist() == [1, 1]
+    shell = torch.tensor([[True, False, True]] * 2)
+    v = cal.check(e, paths, allowed=shell)
+    assert v.depth.tolist() == [2, 0] and v.refused.tolist() == [-1, 6]
+    assert v.gain.tolist() == [1.0, -1.0] and v.harmed.tolist() == [0, 30]  # over the root, the node kept
+    assert cal.promote(e, paths, torch.tensor([2, 2]), shell).depth.tolist() == [2, 0]
 
 
 def test_too_few_neighbours_through_a_node_is_no_evidence_for_it() -> None:
@@ -194,6 +208,15 @@ def test_a_calibrated_bundle_round_trips_and_falls_back_where_the_bank_says(tiny
     assert torch.equal(loaded.route(x, "noise").level, model.route(x, "noise").level)
 
 
+def allowed_levels(model: UniRestorer, e: torch.Tensor, route) -> torch.Tensor:
+    """[B, n_levels] the levels the support allows, less the node the exposure guard barred (the tiny bundle's
+    untrained experts move the exposure by about 0.08, more than EXPOSURE_SHIFT)."""
+    allowed = model.tree.supported_levels(e, model.router.leaf_paths[route.leaf])
+    for i in (route.exposure_node >= 0).nonzero().squeeze(1).tolist():
+        allowed[i, model.tree.level_of(int(route.exposure_node[i]))] = False
+    return allowed
+
+
 def test_clear_gains_take_an_image_past_the_router_but_never_past_the_support(tiny_bundle, tmp_path) -> None:
     folder, model, x = copied(tiny_bundle, tmp_path)
     e = model.embed(x)
@@ -203,11 +226,12 @@ def test_clear_gains_take_an_image_past_the_router_but_never_past_the_support(ti
         loaded = UniRestorer.load_bundle(folder)
         route = loaded.route(x)
         route_paths = loaded.router.leaf_paths[route.leaf]
-        hard = torch.minimum(loaded.tree.supported_depth(e, route_paths), loaded.tree.clean_claim(e, route_paths)[0])
+        allowed = allowed_levels(loaded, e, route)
+        hard = deepest_level(allowed, loaded.tree.clean_claim(e, route_paths)[0])
         below = route.router_level < hard
         assert bool(below.any())  # the router stops above a node the support would allow for some images
         assert torch.equal(route.level, torch.where(below, hard, route.level) if promoted else
-                           torch.minimum(route.router_level, hard))
+                           deepest_level(allowed, torch.minimum(route.router_level, hard)))
         assert torch.equal(route.promoted >= 0, below if promoted else torch.zeros_like(below))
     _, info = loaded.restore(x)  # the weak bank: nothing promoted, no promotion reason
     assert not any("(at least 1)" in i.get("fallback", "") for i in info)
@@ -216,13 +240,15 @@ def test_clear_gains_take_an_image_past_the_router_but_never_past_the_support(ti
     loaded = UniRestorer.load_bundle(folder)
     route = loaded.route(x)
     _, info = loaded.restore(x)
+    allowed = allowed_levels(loaded, e, route)
     for i in (route.promoted >= 0).nonzero().squeeze(1).tolist():  # the bank's 24 samples, fewer than k, all vote
-        node = int(route.node[i])
-        through = int((paths[:, int(route.level[i])] == node).sum())
+        node, level = int(route.node[i]), int(route.level[i])
+        through = int((paths[:, level] == node).sum())
+        above = int(deepest_level(allowed[i : i + 1], torch.tensor([level - 1])))  # a barred type node is skipped
         assert info[i]["fallback"] == (
-            f"router chose level {int(route.router_level[i])}; of the 24 calibration samples nearest to it, {through} went "
-            f"through node {node}, which gained +5.00 dB on average (at least 1) over the node kept above it and "
-            f"harmed 0 of them (> 0.5 dB), so level {int(route.level[i])} (node {node}) restores it")
+            f"router chose level {int(route.router_level[i])}; of the 24 calibration samples nearest to it, {through} "
+            f"went through node {node}, which gained {5.0 * (level - above):+.2f} dB on average (at least 1) over the "
+            f"node kept above it and harmed 0 of them (> 0.5 dB), so level {level} (node {node}) restores it")
     # a named task keeps the router's level: the user named the degradation
     assert torch.equal(loaded.route(x, "noise").level, model.route(x, "noise").level)
 

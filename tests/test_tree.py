@@ -262,20 +262,24 @@ def test_a_node_holds_what_lies_past_it_as_seen_from_the_clean_leaf():
     the clean side (milder) or off the ray (another family) is not. Without a clean leaf nothing is. A type node
     (level 1) holds by its radius only its trusted core (TRUSTED_FRACTION of it), a leaf all of its radius."""
     tree = hand_tree(["noise", "clean", "haze"])
-    path = torch.tensor([[0, 2, 6]] * 6)
     points = torch.tensor([[8.0, -1.0],  # on the ray past leaf 6, outside every radius but the root's: held
                            [8.0, 1.5],  # past both, 2.5 off the leaf's ray (radius 1), 1.16 off node 2's (radius 3)
                            [4.0, -0.5],  # short of leaf 6, outside it; in the trusted core of node 2 (0.37 r)
                            [1.0, -1.0],  # short of both, outside both
                            [2.5, 0.0],  # short of type node 2, inside its radius but in its outer shell (0.83 r)
-                           [6.0, -0.2]])  # past node 2 (held), in leaf 6's outer shell (0.8 r), not past it: held
+                           [6.0, -0.2],  # past node 2 (held), in leaf 6's outer shell (0.8 r), not past it: held
+                           [6.5, -1.8]])  # in leaf 6 (0.94 r) and node 2's outer shell (0.78 r); past both
+    path = torch.tensor([[0, 2, 6]] * len(points))
     assert (tree.distances(points, path)[:, 1:] > tree.radii[path][:, 1:]).tolist() == [
-        [True, True], [True, True], [False, True], [True, True], [False, True], [False, False]]
+        [True, True], [True, True], [False, True], [True, True], [False, True], [False, False], [False, False]]
     assert tree.beyond(points, path)[:, 1:].tolist() == [[True, True], [True, False], [False, False], [False, False],
-                                                         [False, False], [True, False]]
-    assert tree.supported_depth(points, path).tolist() == [2, 1, 1, 0, 0, 2]
+                                                         [False, False], [True, False], [True, True]]
+    assert tree.supported_depth(points, path).tolist() == [2, 1, 1, 0, 0, 2, 2]
     no_clean = hand_tree(["noise", "rain", "haze"])
     assert not no_clean.beyond(points, path).any()
-    assert no_clean.supported_depth(points, path).tolist() == [0, 0, 1, 0, 0, 2]
+    # the last point, with no clean leaf to see it past them: node 2's outer shell bars node 2's own expert, not
+    # leaf 6's, which holds the point (the old rule sent it to the root)
+    assert no_clean.supported_levels(points, path)[-1].tolist() == [True, False, True]
+    assert no_clean.supported_depth(points, path).tolist() == [0, 0, 1, 0, 0, 2, 2]
     own = torch.tensor([[0, 1, 4]])  # the clean leaf itself holds nothing past it: it has no ray
     assert tree.beyond(torch.tensor([[-1.0, -1.0]]), own)[0, 2].item() is False

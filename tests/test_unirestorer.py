@@ -12,6 +12,7 @@ from unirestorer.model.extractor import DegradationExtractor
 from unirestorer.model.lora import init_child_from_parent
 from unirestorer.model.router import Router, image_psnr, task_subtrees
 from unirestorer.model.tree import TRUSTED_FRACTION, DegradationTree
+from unirestorer.model.fallback import EXPOSURE_SHIFT, GUARD_SIDE
 from unirestorer.model.unirestorer import UniRestorer, dispatch
 
 SPEC = {"name": "nafnet", "preset": "tiny"}
@@ -269,8 +270,13 @@ def test_support_check_falls_back_to_the_deepest_node_that_holds_the_image():
     assert [tree.trusted_fraction(n) for n in range(tree.n_nodes)] == [1.0] + [TRUSTED_FRACTION] * 2 + [1.0] * 4
     inside = (d <= tree.trusted_radii()[paths]).all(1)  # a type node's trusted core, the whole support below it
     assert tree.supported_depth(e, paths)[inside].tolist() == [2] * int(inside.sum())
-    shell = (d[:, 1] > TRUSTED_FRACTION * tree.radii[paths[:, 1]]) & ~tree.beyond(e, paths)[:, 1]
-    assert shell.any() and (tree.supported_depth(e, paths)[shell] == 0).all()  # a type node's outer shell: the root
+    beyond = tree.beyond(e, paths)
+    type_radius = tree.radii[paths[:, 1]]
+    shell = (d[:, 1] > TRUSTED_FRACTION * type_radius) & (d[:, 1] <= type_radius) & ~beyond[:, 1]
+    leaf_holds = (d[:, 2] <= tree.radii[paths[:, 2]]) | beyond[:, 2]
+    depth = tree.supported_depth(e, paths)
+    assert (shell & leaf_holds).any() and (depth[shell & leaf_holds] == 2).all()  # a type's outer shell: its leaves
+    assert (shell & ~leaf_holds).any() and (depth[shell & ~leaf_holds] == 0).all()  # but never the type itself
 
     model.router.g_g.bias.data[:] = torch.tensor([-5.0, -5.0, 5.0, 0.0, 0.0, 0.0])  # the router always picks leaves
     leaf_of = model.router.leaf_paths
@@ -292,6 +298,53 @@ def test_support_check_falls_back_to_the_deepest_node_that_holds_the_image():
     tree.radii[tree.level_starts[2]:] = 1e-6
     depth = tree.supported_depth(centre[None], paths[:1])
     assert depth.tolist() == [1]
+
+
+def test_a_leaf_in_its_types_outer_shell_runs_only_where_it_keeps_the_exposure():
+    """The exposure guard: in a type's outer shell a leaf may restore the image only if its expert moves the mean
+    luminance by at most EXPOSURE_SHIFT (measured on the image shrunk to GUARD_SIDE); else the image falls back,
+    here to the root, since the shell bars the type's own expert. In the trusted core, or with a task named, the
+    guard does not run."""
+    model = build()
+    tree = model.tree
+    model.router.g_g.bias.data[:] = torch.tensor([-5.0, -5.0, 5.0, 0.0, 0.0, 0.0])  # the router always picks leaves
+    router_route = model.router.route
+
+    def own_leaf(e: torch.Tensor, task=None):  # a router that picks each image's own leaf, as a trained one would
+        route = router_route(e, task)
+        route.leaf = tree.path(e)[:, -1] - tree.level_starts[-1]
+        return route
+
+    model.router.route = own_leaf
+    for n in range(tree.n_nodes):
+        model.experts[str(n)] = Shift(0.0)  # keeps the exposure: the guard lets it run
+    x, _ = images(40, seed=0)
+    e = model.embed(x)
+    route = model.route(x)
+    paths = model.router.leaf_paths[route.leaf]
+    shell = tree.in_shell(e, paths)[:, 2] & (route.level == 2)
+    core = ~tree.in_shell(e, paths)[:, 2] & (route.level == 2)
+    assert torch.equal(route.shell, tree.in_shell(e, paths).gather(1, route.level[:, None]).squeeze(1))
+    assert shell.any() and core.any() and (route.exposure_node == -1).all()
+    i, j = int(shell.nonzero()[0]), int(core.nonzero()[0])
+    leaf = int(route.node[i])
+    model.experts[str(leaf)] = Shift(0.2)  # brightens everything it restores
+    model.experts[str(int(route.node[j]))] = Shift(0.2)
+    guarded = model.route(x)
+    assert int(guarded.level[i]) == 0 and int(guarded.exposure_node[i]) == leaf
+    assert float(guarded.exposure_shift[i]) == pytest.approx(float((x[i] + 0.2).clamp(0, 1).mul(
+        torch.tensor([0.299, 0.587, 0.114])[:, None, None]).sum(0).mean() - x[i].mul(
+        torch.tensor([0.299, 0.587, 0.114])[:, None, None]).sum(0).mean()), abs=1e-5)
+    assert float(guarded.exposure_shift[i]) > EXPOSURE_SHIFT
+    assert int(guarded.level[j]) == 2  # the trusted core: not guarded
+    _, info = model.restore(x[i : i + 1])
+    assert info[0]["level"] == 0 and info[0]["fallback"].startswith(
+        f"router chose level 2; node {leaf} lies in a type's outer shell for it, where a dark photo and low light "
+        f"look alike, and its expert would move the image's mean luminance by ")
+    assert int(model.route(x[i : i + 1], task=tree.task_names[0]).level[0]) == 2  # the user named the degradation
+    big = x[i : i + 1].repeat(1, 1, 2 * GUARD_SIDE // 16, 2 * GUARD_SIDE // 16)  # the same statistics, 512 px a side
+    assert bool(tree.in_shell(model.embed(big), paths[i : i + 1])[0, 2])
+    assert int(model.route(big).level[0]) == 0
 
 
 def test_an_image_a_clean_leaf_holds_falls_back_from_another_familys_leaf():
