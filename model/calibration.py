@@ -65,14 +65,19 @@ def dark_floor(x: Tensor) -> Tensor:
 def bright_ceiling(x: Tensor) -> Tensor:
     """Images [B,3,H,W] in [0,1] → [B]: the 95th percentile of luminance. A percentile, not the maximum, so a
     lamp or a specular point does not make a dark image look exposed."""
-    luma = (x.detach().float() * x.new_tensor(LUMA, dtype=torch.float32).view(1, 3, 1, 1)).sum(1).flatten(1)
+    luma = _luminance(x).flatten(1)
     k = 1 + int(CEILING_PERCENTILE * (luma.shape[1] - 1))
     return luma.kthvalue(k, dim=1).values
 
 
 def mean_luma(x: Tensor) -> Tensor:
     """Images [B,3,H,W] in [0,1] → [B]: mean luminance, the exposure the guard in `UniRestorer.route` keeps."""
-    return (x.detach().float() * x.new_tensor(LUMA, dtype=torch.float32).view(1, 3, 1, 1)).sum(1).mean((1, 2))
+    return _luminance(x).mean((1, 2))
+
+
+def _luminance(x: Tensor) -> Tensor:
+    """Images [B,3,H,W] → luminance [B,H,W], fp32."""
+    return (x.detach().float() * x.new_tensor(LUMA, dtype=torch.float32).view(1, 3, 1, 1)).sum(1)
 
 
 class _Restorer(Protocol):  # what `measure` needs of a UniRestorer (model/unirestorer.py imports this module)

@@ -112,8 +112,8 @@ class UniRestorer(nn.Module):
         """[B] True where the node that runs lies in a type's outer shell and its expert would move the image's
         mean luminance by more than EXPOSURE_SHIFT (on the image shrunk to GUARD_SIDE); `route.exposure_shift`
         gets the shifts. In the shell the embedding cannot tell a dark, mildly noisy photo from low light, and a
-        low-light or haze expert re-exposes the whole photo (31 → 11.5 dB), while a noise or rain expert there
-        leaves the exposure and restores (BENCHMARKS.md, "fourteenth session")."""
+        low-light expert re-exposes the whole photo (31 → 11.5 dB), while a noise expert there leaves the exposure
+        (a shift of at most 0.003) and restores (BENCHMARKS.md, "fourteenth session")."""
         route.exposure_shift = torch.full((len(x),), torch.nan, device=x.device)
         if route.shell is None or not bool(route.shell.any()):
             return torch.zeros(len(x), dtype=torch.bool, device=x.device)
