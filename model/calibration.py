@@ -196,7 +196,7 @@ class Calibration:
                 count = through.sum(1)
                 step = psnr[..., level] - base  # [B, k]: over the node kept so far
                 mean_gain = (step * through).sum(1) / count.clamp_min(1)
-                lost = ((step < -HARM_DB) & through).sum(1)
+                lost = ((step < -HARM_DB) & (psnr[..., level] < psnr[..., 0] - HARM_DB) & through).sum(1)
                 ok = (count >= self.min_members) & (mean_gain >= min_gain) & (lost <= share * count)
                 at_cap = cap == level
                 members = torch.where(at_cap, count, members)

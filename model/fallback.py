@@ -41,6 +41,9 @@ def fall_back(route: Route, embedding: Tensor, tree: DegradationTree, leaf_paths
     allowed = tree.supported_levels(embedding, paths)  # a type node's outer shell bars only its own expert
     if barred is not None:
         allowed &= ~barred.to(allowed.device)
+    open_levels = tree.open_to_evidence(embedding, paths)  # where clear evidence passes the support
+    if barred is not None:
+        open_levels &= ~barred.to(allowed.device)
     supported = deepest_level(allowed)
     hard = torch.minimum(supported, clean_depth)  # what no evidence overrides
     if calibration is not None and floors is not None and ceilings is not None:
@@ -56,8 +59,9 @@ def fall_back(route: Route, embedding: Tensor, tree: DegradationTree, leaf_paths
     level = verdict.depth if verdict is not None else cap
     promoted = torch.zeros_like(level, dtype=torch.bool)
     if calibration is not None:
-        deeper = calibration.promote(embedding, paths, hard, allowed).depth
-        promoted = (route.level < hard) & (deeper > level)
+        reach = deepest_level(open_levels, torch.minimum(clean_depth, light_depth))  # evidence passes the support
+        deeper = calibration.promote(embedding, paths, reach, open_levels).depth
+        promoted = deeper > level
         level = torch.where(promoted, deeper, level)
     if task_index is not None:
         promoted &= task_index < 0
@@ -69,6 +73,7 @@ def fall_back(route: Route, embedding: Tensor, tree: DegradationTree, leaf_paths
     route.floor, route.ceiling = floors, ceilings
     route.router_level, route.level = route.level, level
     route.node = paths.gather(1, level[:, None]).squeeze(1)
+    route.past_support = promoted & ~allowed.gather(1, level[:, None]).squeeze(1)
     route.shell = tree.in_shell(embedding, paths).gather(1, level[:, None]).squeeze(1)
     if task_index is not None:
         route.shell &= task_index < 0
@@ -77,7 +82,7 @@ def fall_back(route: Route, embedding: Tensor, tree: DegradationTree, leaf_paths
         route.promoted = torch.where(promoted, route.node, -1)
         evidence = _evidence(verdict)
         if bool(promoted.any()):  # the evidence at the node promotion took
-            evidence = torch.where(promoted[:, None], _evidence(calibration.promote(embedding, paths, level, allowed)),
+            evidence = torch.where(promoted[:, None], _evidence(calibration.promote(embedding, paths, level, open_levels)),
                                    evidence)
         route.evidence = evidence
     if tree.radii is not None:
@@ -93,7 +98,8 @@ def _evidence(verdict: Verdict) -> Tensor:
 def fallback_reason(route: Route, i: int, out: dict, tree: DegradationTree, leaf_paths: Tensor,
                     calibration: Calibration | None) -> str | None:
     """Why image i runs at another level than the router chose (`out`: its `describe` entry), or None."""
-    if route.router_level is None or int(route.router_level[i]) == out["level"]:
+    past = route.past_support is not None and bool(route.past_support[i])
+    if route.router_level is None or (int(route.router_level[i]) == out["level"] and not past):
         return None
     node, path = out["node"], leaf_paths[int(route.leaf[i])].tolist()
     nearest = f"of the {calibration.neighbours} calibration samples nearest to it" if calibration is not None else ""
@@ -112,6 +118,9 @@ def fallback_reason(route: Route, i: int, out: dict, tree: DegradationTree, leaf
         why = (f"{nearest}, {members:.0f} went through node {promoted}, which gained {gain:+.2f} dB on average "
                f"(at least {PROMOTE_GAIN_DB:g}) over the node kept above it and harmed {harmed:.0f} of them "
                f"(> {HARM_DB} dB)")
+        if past:
+            why = (f"the image lies outside the support the tree trusts for node {promoted}, but {why}, and its "
+                   f"expert keeps the image's exposure")
     elif refused >= 0:
         members, gain, harmed = route.evidence[i].tolist()
         why = (f"only {members:.0f} {nearest} went through node {refused}, too few to vouch for it"

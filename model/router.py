@@ -40,12 +40,13 @@ class Route:
     clean_leaf: Tensor | None = None  # [B] the clean leaf that capped the level below the support check, or -1
     refused: Tensor | None = None  # [B] the node the calibration bank refused where that set the level, or -1
     promoted: Tensor | None = None  # [B] the node the calibration bank took the image down to past the router, or -1
+    past_support: Tensor | None = None  # [B] the bank took it there past the support check (its evidence alone)
     evidence: Tensor | None = None  # [B, 3] at that node (either): neighbours through it, their mean gain (dB), harmed
     floor: Tensor | None = None  # [B] the image's dark channel floor, where the bank keeps floors
     floor_node: Tensor | None = None  # [B] the node whose floor minimum set the level, or -1
     ceiling: Tensor | None = None  # [B] the image's brightness ceiling, where the bank keeps ceilings
     ceiling_node: Tensor | None = None  # [B] the node whose ceiling minimum set the level, or -1
-    shell: Tensor | None = None  # [B] the node that runs lies in a type's outer shell (model/tree.py, `in_shell`)
+    shell: Tensor | None = None  # [B] the node that runs lies outside a trusted core on its path (tree.py, `in_shell`)
     exposure_node: Tensor | None = None  # [B] the node the exposure guard barred, or -1
     exposure_shift: Tensor | None = None  # [B] that node's shift of the mean luminance (NaN where not barred)
 

@@ -216,6 +216,15 @@ class DegradationTree:
         it keeps the image's exposure (`UniRestorer.route`). All False without radii."""
         return ~self._held(embeddings, paths)[1].long().cumprod(1).bool()
 
+    def open_to_evidence(self, embeddings: Tensor, paths: Tensor) -> Tensor:
+        """[B, n_levels] True where the calibration bank's clear evidence may take the image to the node past
+        the support check (`Calibration.promote` in model/fallback.py): everywhere but a type node's own outer
+        shell, which bars its expert whatever its neighbours gained (a noise type's expert there took a mildly
+        noisy photo from 31.9 to 30.3 dB where its 15 neighbours had gained +2.2 dB, BENCHMARKS.md "fifteenth
+        session"). All True without radii."""
+        whole, trusted = self._held(embeddings, paths)
+        return ~whole | trusted
+
     def _held(self, embeddings: Tensor, paths: Tensor) -> tuple[Tensor, Tensor]:
         """([B, n_levels] within each path node's whole support, [B, n_levels] within its trusted core); both
         count what lies `beyond` the node, and the root holds everything."""

@@ -27,7 +27,7 @@ def bank(points: list[tuple[list[float], int, list[float], int]]) -> Calibration
 
 def test_a_node_keeps_what_its_neighbours_gained_through_and_refuses_what_it_harmed() -> None:
     cal = bank([([0.0, 0.0], 0, [20.0, 23.0, 26.0], 30),  # leaf 3 gains over node 1, node 1 over the root
-                ([10.0, 0.0], 2, [20.0, 24.0, 21.0], 30),  # leaf 5 loses 3 dB to node 2 on every sample
+                ([10.0, 0.0], 2, [20.0, 24.0, 21.0], 30),  # leaf 5 loses 3 dB to node 2, stays above the root
                 ([0.0, 10.0], 3, [20.0, 15.0, 25.0], 30),  # node 2 loses 5 dB to the root, leaf 6 gains 5 over it
                 ([10.0, 10.0], 1, [20.0, 15.0, 18.0], 30)])  # node 1 loses 5 dB to the root, leaf 4 loses 2
     v = cal.check(torch.tensor([[0.1, 0.0], [10.0, 0.1], [0.0, 9.9], [10.0, 9.9]]), LEAF_PATHS[[0, 2, 3, 1]])
@@ -35,7 +35,18 @@ def test_a_node_keeps_what_its_neighbours_gained_through_and_refuses_what_it_har
     assert v.refused.tolist() == [-1, 5, -1, 4]
     assert v.members.tolist() == [30, 30, 30, 30]  # at the leaf, each measured against the node kept before it
     assert v.gain.tolist() == [3.0, -3.0, 5.0, -2.0]
-    assert v.harmed.tolist() == [0, 30, 0, 30]
+    assert v.harmed.tolist() == [0, 0, 0, 30]  # harm is a loss against the root too: leaf 5 harmed no one
+
+
+def test_a_node_that_loses_to_its_parent_only_where_the_parent_restored_well_is_kept() -> None:
+    """The seed-1 demo's low-light leaf: against the type it loses on the milder images, which the type had
+    already restored, and gains far more on the darker ones. Those neighbours stay above the root (the input):
+    the leaf harms none of them, and its mean gain keeps it."""
+    cal = bank([([0.0, 0.0], 0, [8.0, 20.0, 12.0], 12),  # the type restored these; the leaf less well
+                ([0.0, 0.0], 0, [8.0, 10.0, 22.0], 18)])  # the type barely did; the leaf did
+    v = cal.check(torch.zeros(1, 2), LEAF_PATHS[[0]])
+    assert v.depth.item() == 2 and v.harmed.item() == 0
+    assert v.gain.item() == pytest.approx((12 * -8.0 + 18 * 12.0) / 30)
 
 
 def test_the_bank_judges_down_to_the_cap_the_other_checks_set() -> None:
@@ -69,7 +80,7 @@ def test_too_few_neighbours_through_a_node_is_no_evidence_for_it() -> None:
 @pytest.mark.parametrize("harmed, depth", [(round(HARM_SHARE * K), 2), (round(HARM_SHARE * K) + 1, 1)])
 def test_the_harm_share_is_the_line(harmed: int, depth: int) -> None:
     """A node that gains on average may still harm up to a third of its neighbours, not one more."""
-    cal = bank([([0.0, 0.0], 0, [20.0, 23.0, 22.0], harmed), ([0.0, 0.0], 0, [20.0, 23.0, 30.0], K - harmed)])
+    cal = bank([([0.0, 0.0], 0, [20.0, 23.0, 19.0], harmed), ([0.0, 0.0], 0, [20.0, 23.0, 30.0], K - harmed)])
     v = cal.check(torch.zeros(1, 2), LEAF_PATHS[[0]])
     assert v.depth.item() == depth
     assert v.gain.item() >= 0
@@ -217,7 +228,10 @@ def allowed_levels(model: UniRestorer, e: torch.Tensor, route) -> torch.Tensor:
     return allowed
 
 
-def test_clear_gains_take_an_image_past_the_router_but_never_past_the_support(tiny_bundle, tmp_path) -> None:
+def test_clear_gains_take_an_image_past_the_router(tiny_bundle, tmp_path) -> None:
+    """Within the support. Past it the bank's evidence may take an image too, but only to a node that keeps the
+    exposure: the tiny bundle's untrained experts move it by about 0.08, so the guard bars every such node here
+    (tests/test_unirestorer.py runs experts that keep it)."""
     folder, model, x = copied(tiny_bundle, tmp_path)
     e = model.embed(x)
     paths = model.tree.path(e)

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from unirestorer.model.bundle_schema import BundleError
+from unirestorer.model.calibration import Calibration
 from unirestorer.model.experts import create_expert
 from unirestorer.model.extractor import DegradationExtractor
 from unirestorer.model.lora import init_child_from_parent
@@ -300,6 +301,67 @@ def test_support_check_falls_back_to_the_deepest_node_that_holds_the_image():
     assert depth.tolist() == [1]
 
 
+def own_leaf_router(model: UniRestorer) -> None:
+    """Make the router pick each image's own leaf at the leaf level, as a trained one would."""
+    tree, router_route = model.tree, model.router.route
+    model.router.g_g.bias.data[:] = torch.tensor([-5.0, -5.0, 5.0, 0.0, 0.0, 0.0])  # the router always picks leaves
+
+    def own_leaf(e: torch.Tensor, task=None):
+        route = router_route(e, task)
+        route.leaf = tree.path(e)[:, -1] - tree.level_starts[-1]
+        return route
+
+    model.router.route = own_leaf
+
+
+def test_clear_evidence_takes_an_image_past_the_support_but_not_into_a_types_outer_shell():
+    """No leaf's support holds the images here. The calibration bank's clear gains (promotion's bar) take them to
+    their leaf all the same, and `--explain` says so; weak gains leave them where the support stops them. A type
+    node's own outer shell stays barred whatever its neighbours gained. Past the support the exposure guard
+    runs: a leaf that brightens the image is barred."""
+    model = build()
+    tree = model.tree
+    own_leaf_router(model)
+    for n in range(tree.n_nodes):
+        model.experts[str(n)] = Shift(0.0)
+    x, _ = images(40, seed=0)
+    e = model.embed(x)
+    paths = tree.path(e)
+    tree.radii = tree.radii.clone()
+    tree.radii[tree.level_starts[2]:] = 1e-6  # no leaf holds any image
+    core = (tree.supported_levels(e, paths)[:, 1]).tolist()  # the type's trusted core holds these
+    d, radius = tree.distances(e, paths)[:, 1], tree.radii[paths[:, 1]]
+    shell = ((d > TRUSTED_FRACTION * radius) & (d <= radius) & ~tree.beyond(e, paths)[:, 1]).tolist()
+    assert any(core) and any(shell)
+    capped = [1 if c else 0 for c in core]
+    assert model.route(x).level.tolist() == capped  # no bank: the support decides
+
+    def banked(psnr: list[float]) -> torch.Tensor:
+        model.calibration = Calibration(e, paths, torch.tensor([psnr]).repeat(len(e), 1), tree.leaf_paths())
+        return model.route(x)
+
+    route = banked([20.0, 25.0, 30.0])  # +5 dB a level, no one harmed
+    assert route.level.tolist() == [2] * len(x) and torch.equal(route.node, paths[:, 2])
+    assert route.past_support.all() and torch.equal(route.promoted, paths[:, 2])
+    info = model.restore(x[:1])[1][0]
+    near = torch.cdist(e[:1], e).topk(30, largest=False).indices[0]
+    through = int((paths[near, 2] == paths[0, 2]).sum())
+    assert info["fallback"] == (
+        f"router chose level 2; the image lies outside the support the tree trusts for node {int(paths[0, 2])}, but "
+        f"of the 30 calibration samples nearest to it, {through} went through node {int(paths[0, 2])}, which gained {5.0 * (2 - capped[0]):+.2f} dB on average (at least 1) over the node "
+        f"kept above it and harmed 0 of them (> 0.5 dB), and its expert keeps the image's exposure, so level 2 "
+        f"(node {int(paths[0, 2])}) restores it")
+    assert banked([20.0, 20.4, 20.8]).level.tolist() == capped  # 0.8 dB in all: not clear
+    # the type +5 dB, its leaves back at the root: its core keeps the type, and so does the evidence past its
+    # support, but not its outer shell
+    assert banked([20.0, 25.0, 20.0]).level.tolist() == [0 if s else 1 for s in shell]
+    route = banked([20.0, 25.0, 30.0])
+    i = shell.index(True)
+    model.experts[str(int(paths[i, 2]))] = Shift(0.2)  # brightens: the guard bars it past the support
+    guarded = model.route(x)
+    assert int(guarded.level[i]) == 0 and int(guarded.exposure_node[i]) == int(paths[i, 2])
+
+
 def test_a_leaf_in_its_types_outer_shell_runs_only_where_it_keeps_the_exposure():
     """The exposure guard: in a type's outer shell a leaf may restore the image only if its expert moves the mean
     luminance by at most EXPOSURE_SHIFT (measured on the image shrunk to GUARD_SIDE); else the image falls back,
@@ -307,15 +369,7 @@ def test_a_leaf_in_its_types_outer_shell_runs_only_where_it_keeps_the_exposure()
     guard does not run."""
     model = build()
     tree = model.tree
-    model.router.g_g.bias.data[:] = torch.tensor([-5.0, -5.0, 5.0, 0.0, 0.0, 0.0])  # the router always picks leaves
-    router_route = model.router.route
-
-    def own_leaf(e: torch.Tensor, task=None):  # a router that picks each image's own leaf, as a trained one would
-        route = router_route(e, task)
-        route.leaf = tree.path(e)[:, -1] - tree.level_starts[-1]
-        return route
-
-    model.router.route = own_leaf
+    own_leaf_router(model)
     for n in range(tree.n_nodes):
         model.experts[str(n)] = Shift(0.0)  # keeps the exposure: the guard lets it run
     x, _ = images(40, seed=0)
