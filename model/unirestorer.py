@@ -101,6 +101,8 @@ class UniRestorer(nn.Module):
             route = fall_back(self.router.route(e, task), e, self.tree, self.router.leaf_paths, task_index,
                               self.calibration, *light, barred)
             moved = self._exposure_moved(x, route)
+            if bool(moved.any()):
+                moved &= ~self._vouched(e, route, barred)
             if not bool(moved.any()):
                 break
             barred[moved, route.level[moved]] = True
@@ -126,6 +128,17 @@ class UniRestorer(nn.Module):
             y = dispatch(small, route.node[idx], self._pool()).clamp(0, 1)
         route.exposure_shift[idx] = (mean_luma(y) - mean_luma(small)).abs()
         return route.exposure_shift > EXPOSURE_SHIFT  # NaN compares False
+
+    def _vouched(self, e: Tensor, route: Route, barred: Tensor) -> Tensor:
+        """[B] True where the calibration bank's nearest samples vouch at promotion's bar for the node that runs:
+        those that went through it gained clearly there and it harmed almost none. The exposure guard yields to
+        that: very dark low light in a type's shell gains 5 to 12 dB through its leaf, while the darkish photo
+        the guard was made for had a third of its neighbours harmed (BENCHMARKS.md, "fifteenth session")."""
+        if self.calibration is None:
+            return torch.zeros(len(e), dtype=torch.bool, device=e.device)
+        paths = self.router.leaf_paths[route.leaf]
+        open_levels = self.tree.open_to_evidence(e, paths) & ~barred
+        return (route.level > 0) & (self.calibration.promote(e, paths, route.level, open_levels).depth == route.level)
 
     def forward(self, x: Tensor, task: TaskArg = None, embedding: Tensor | None = None) -> tuple[Tensor, Route]:
         """Gated output E(x)·g/stopgrad(g): equal to the chosen expert's output, differentiable in g. The
