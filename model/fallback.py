@@ -5,10 +5,12 @@ support above it, holds its embedding (`DegradationTree.supported_levels`: a typ
 trusted core, its leaves within the whole support above them), no deeper than where a clean
 leaf's support claims it (`clean_claim`), and above the first node whose dark channel floor or brightness ceiling
 minimum it does not reach (`Calibration.light_depth`); within that, the calibration bank's nearest samples vote
-level by level (`Calibration.check`), and where the router stopped above a node they gained clearly through, they
-take the image down to it (`Calibration.promote`). A node that would run in a type's outer shell runs only if its
-expert keeps the image's exposure (the exposure guard, `UniRestorer.route`, which passes what it bars as `barred`).
-`fallback_reason` says which of these set the level.
+level by level (`Calibration.check`), and where they gained clearly through a deeper node, they take the image down
+to it (`Calibration.promote`): past the router's level, and past the support too, but never into a type's own outer
+shell (`DegradationTree.open_to_evidence`) and never past the clean and light checks. A node that would run in a
+type's outer shell without that clear evidence runs only if its expert keeps the image's exposure (the exposure
+guard, `UniRestorer.route`, which passes what it bars as `barred`). `fallback_reason` says which of these set the
+level.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ def fall_back(route: Route, embedding: Tensor, tree: DegradationTree, leaf_paths
               floors: Tensor | None = None, ceilings: Tensor | None = None, barred: Tensor | None = None) -> Route:
     """`route` with each blind image's level set by the checks (module docstring): capped by the support, the
     clean claim and the light check (`floors`, `ceilings`: the images' dark channel floors and brightness
-    ceilings), then the bank's vote below the router's level, or its promotion past it; `barred` [B, n_levels]:
+    ceilings), then the bank's vote below the router's level, or its promotion past it (and past the support, where
+    `route.past_support`); `barred` [B, n_levels]:
     levels that may not run (the exposure guard's, `UniRestorer.route`); images with a task (index >= 0) keep
     their level. `route.shell` says where the node that runs lies in a type's outer shell."""
     if tree.radii is None and calibration is None:
@@ -119,8 +122,7 @@ def fallback_reason(route: Route, i: int, out: dict, tree: DegradationTree, leaf
                f"(at least {PROMOTE_GAIN_DB:g}) over the node kept above it and harmed {harmed:.0f} of them "
                f"(> {HARM_DB} dB)")
         if past:
-            why = (f"the image lies outside the support the tree trusts for node {promoted}, but {why}, and its "
-                   f"expert keeps the image's exposure")
+            why = f"the image lies outside the support the tree trusts for node {promoted}, but {why}"
     elif refused >= 0:
         members, gain, harmed = route.evidence[i].tolist()
         why = (f"only {members:.0f} {nearest} went through node {refused}, too few to vouch for it"

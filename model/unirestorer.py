@@ -89,8 +89,9 @@ class UniRestorer(nn.Module):
         ceiling lies below that of nearly all bank samples that node did not harm, or where the calibration
         bank's nearest samples say that node harmed images like it, the level falls back to that node's parent
         level, at most the root; where the router stopped above a node those samples gained clearly through,
-        it goes down to it. A node that would run in a type's outer shell and move the image's exposure is
-        barred, and the checks run again without it (the exposure guard, `_exposure_moved`). Images routed in
+        it goes down to it, past the support too where the evidence is clear. A node that would run in a type's
+        outer shell and move the image's exposure is barred unless that evidence vouches for it, and the checks run
+        again without it (the exposure guard, `_exposure_moved`, `_vouched`). Images routed in
         instruction mode (a task given) keep the router's level: the user named the degradation."""
         e = self.embed(x)
         light = (dark_floor(x), bright_ceiling(x)) if self.calibration is not None else (None, None)

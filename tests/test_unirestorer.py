@@ -349,17 +349,15 @@ def test_clear_evidence_takes_an_image_past_the_support_but_not_into_a_types_out
     assert info["fallback"] == (
         f"router chose level 2; the image lies outside the support the tree trusts for node {int(paths[0, 2])}, but "
         f"of the 30 calibration samples nearest to it, {through} went through node {int(paths[0, 2])}, which gained {5.0 * (2 - capped[0]):+.2f} dB on average (at least 1) over the node "
-        f"kept above it and harmed 0 of them (> 0.5 dB), and its expert keeps the image's exposure, so level 2 "
-        f"(node {int(paths[0, 2])}) restores it")
+        f"kept above it and harmed 0 of them (> 0.5 dB), so level 2 (node {int(paths[0, 2])}) restores it")
     assert banked([20.0, 20.4, 20.8]).level.tolist() == capped  # 0.8 dB in all: not clear
     # the type +5 dB, its leaves back at the root: its core keeps the type, and so does the evidence past its
     # support, but not its outer shell
     assert banked([20.0, 25.0, 20.0]).level.tolist() == [0 if s else 1 for s in shell]
-    route = banked([20.0, 25.0, 30.0])
     i = shell.index(True)
-    model.experts[str(int(paths[i, 2]))] = Shift(0.2)  # brightens: the guard bars it past the support
-    guarded = model.route(x)
-    assert int(guarded.level[i]) == 0 and int(guarded.exposure_node[i]) == int(paths[i, 2])
+    model.experts[str(int(paths[i, 2]))] = Shift(0.2)  # brightens, but the bank vouches for it: the guard yields
+    route = banked([20.0, 25.0, 30.0])
+    assert int(route.level[i]) == 2 and int(route.exposure_node[i]) == -1
 
 
 def test_a_leaf_in_its_types_outer_shell_runs_only_where_it_keeps_the_exposure():
@@ -396,6 +394,12 @@ def test_a_leaf_in_its_types_outer_shell_runs_only_where_it_keeps_the_exposure()
         f"router chose level 2; node {leaf} lies in a type's outer shell for it, where a dark photo and low light "
         f"look alike, and its expert would move the image's mean luminance by ")
     assert int(model.route(x[i : i + 1], task=tree.task_names[0]).level[0]) == 2  # the user named the degradation
+    paths = tree.path(e)  # the guard yields to the bank's clear evidence (promotion's bar), not to a weak vote
+    for leaf_psnr, level in ((30.0, 2), (20.5, 0)):  # the type is barred in its shell: the leaf against the root
+        model.calibration = Calibration(e, paths, torch.tensor([[20.0, 25.0, leaf_psnr]]).repeat(len(e), 1),
+                                        tree.leaf_paths())
+        assert int(model.route(x[i : i + 1]).level[0]) == level
+    model.calibration = None
     big = x[i : i + 1].repeat(1, 1, 2 * GUARD_SIDE // 16, 2 * GUARD_SIDE // 16)  # the same statistics, 512 px a side
     assert bool(tree.in_shell(model.embed(big), paths[i : i + 1])[0, 2])
     assert int(model.route(big).level[0]) == 0
