@@ -10,8 +10,8 @@ gain over the node kept so far (the parent, or the parent's kept ancestor where 
 not negative, and at most `harm_share` of them it harmed: left more than HARM_DB below both the node kept before it
 and the root, the generic expert falling back gives. A leaf that loses to its type only on images the type had
 already restored well, and stays above the root on them, harms no one: the seed-1 demo's low-light leaf gains +3 to
-+12 dB over its type on its darker neighbours and loses up to 9 dB on milder ones the type had taken to 17-22 dB,
-and was refused on those alone (demo low light 14.59 -> 15.60 dB, BENCHMARKS.md "fifteenth session"). A refused
++12 dB over its type on its darker neighbours and loses up to 9 dB on milder ones the type had taken to 17–22 dB,
+and was refused on those alone (demo low light 14.59 → 15.60 dB, BENCHMARKS.md "fifteenth session"). A refused
 node does not bar its children: a type node that learned to leave its images nearly alone (0 to -0.6 dB) would
 otherwise keep its leaves, which restore them, from every image (demo haze: 16.5 → 18.3 dB). The image goes to
 the deepest node kept (BENCHMARKS.md, "sixth session: local calibration" and "seventh session").
@@ -29,9 +29,10 @@ highlights are dimmer than nearly all of theirs (`ceiling_quantile`; `light_dept
 The bank also speaks for finer experts (`promote`): where the router stops above a node but nearly all of the
 neighbours that went through it gained clearly there (at least PROMOTE_GAIN_DB on average over the node kept
 before it, at most PROMOTE_HARM_SHARE of them harmed), the image goes down to it, within the clean and light
-checks; such evidence also passes the support check, except into a type's own outer shell (model/fallback.py). The router's level head learns its margin on training data and stays coarse on what it has not
-seen; the neighbours' outcome is evidence it lacks (an unseen haze+blur mixture +5.8 dB, a Rain100L photo the
-haze+rain type darkened restored by its leaf, BENCHMARKS.md "twelfth session").
+checks; such evidence also passes the support check, except into a type's own outer shell (model/fallback.py).
+The router's level head learns its margin on training data and stays coarse on what it has not seen; the
+neighbours' outcome is evidence it lacks (an unseen haze+blur mixture +5.8 dB, a Rain100L photo the haze+rain
+type darkened restored by its leaf, BENCHMARKS.md "twelfth session").
 
 The bank is stored beside a bundle in calibration.safetensors (`unirestorer calibrate BUNDLE`).
 """

@@ -42,10 +42,9 @@ def fall_back(route: Route, embedding: Tensor, tree: DegradationTree, leaf_paths
     paths = leaf_paths[route.leaf]
     clean_depth, clean_leaf = tree.clean_claim(embedding, paths)
     allowed = tree.supported_levels(embedding, paths)  # a type node's outer shell bars only its own expert
-    if barred is not None:
-        allowed &= ~barred.to(allowed.device)
     open_levels = tree.open_to_evidence(embedding, paths)  # where clear evidence passes the support
     if barred is not None:
+        allowed &= ~barred.to(allowed.device)
         open_levels &= ~barred.to(allowed.device)
     supported = deepest_level(allowed)
     hard = torch.minimum(supported, clean_depth)  # what no evidence overrides
@@ -85,8 +84,8 @@ def fall_back(route: Route, embedding: Tensor, tree: DegradationTree, leaf_paths
         route.promoted = torch.where(promoted, route.node, -1)
         evidence = _evidence(verdict)
         if bool(promoted.any()):  # the evidence at the node promotion took
-            evidence = torch.where(promoted[:, None], _evidence(calibration.promote(embedding, paths, level, open_levels)),
-                                   evidence)
+            taken = calibration.promote(embedding, paths, level, open_levels)
+            evidence = torch.where(promoted[:, None], _evidence(taken), evidence)
         route.evidence = evidence
     if tree.radii is not None:
         route.support = tree.distances(embedding, paths) / tree.radii.to(paths.device)[paths]

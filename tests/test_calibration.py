@@ -228,41 +228,47 @@ def allowed_levels(model: UniRestorer, e: torch.Tensor, route) -> torch.Tensor:
     return allowed
 
 
-def test_clear_gains_take_an_image_past_the_router(tiny_bundle, tmp_path) -> None:
-    """Within the support. Past it the bank's evidence may take an image too, but only to a node that keeps the
-    exposure: the tiny bundle's untrained experts move it by about 0.08, so the guard bars every such node here
-    (tests/test_unirestorer.py runs experts that keep it)."""
+def test_clear_gains_take_an_image_past_the_router_and_the_support(tiny_bundle, tmp_path) -> None:
+    """Clear gains (5 dB a level) take every image as deep as the levels open to evidence and the clean check
+    allow, past the router and past the support, and the exposure guard yields to them (the tiny bundle's
+    untrained experts move the exposure by about 0.08); weak gains (0.8 dB in all) promote nothing."""
     folder, model, x = copied(tiny_bundle, tmp_path)
     e = model.embed(x)
     paths = model.tree.path(e)
-    for psnr, promoted in (([20.0, 25.0, 30.0], True), ([20.0, 20.4, 20.8], False)):  # 5 dB a level, or 0.8 in all
+
+    def routed(psnr: list[float]) -> tuple[UniRestorer, object]:
         save_calibration(folder, Calibration(e, paths, torch.tensor([psnr]).repeat(len(e), 1), model.tree.leaf_paths()))
         loaded = UniRestorer.load_bundle(folder)
-        route = loaded.route(x)
-        route_paths = loaded.router.leaf_paths[route.leaf]
-        allowed = allowed_levels(loaded, e, route)
-        hard = deepest_level(allowed, loaded.tree.clean_claim(e, route_paths)[0])
-        below = route.router_level < hard
-        assert bool(below.any())  # the router stops above a node the support would allow for some images
-        assert torch.equal(route.level, torch.where(below, hard, route.level) if promoted else
-                           deepest_level(allowed, torch.minimum(route.router_level, hard)))
-        assert torch.equal(route.promoted >= 0, below if promoted else torch.zeros_like(below))
-    _, info = loaded.restore(x)  # the weak bank: nothing promoted, no promotion reason
-    assert not any("(at least 1)" in i.get("fallback", "") for i in info)
-    save_calibration(folder, Calibration(e, paths, torch.tensor([[20.0, 25.0, 30.0]]).repeat(len(e), 1),
-                                         model.tree.leaf_paths()))
-    loaded = UniRestorer.load_bundle(folder)
-    route = loaded.route(x)
-    _, info = loaded.restore(x)
+        return loaded, loaded.route(x)
+
+    loaded, route = routed([20.0, 20.4, 20.8])
+    route_paths = loaded.router.leaf_paths[route.leaf]
     allowed = allowed_levels(loaded, e, route)
+    hard = deepest_level(allowed, loaded.tree.clean_claim(e, route_paths)[0])
+    assert torch.equal(route.level, deepest_level(allowed, torch.minimum(route.router_level, hard)))
+    assert (route.promoted == -1).all()
+    _, info = loaded.restore(x)
+    assert not any("(at least 1)" in i.get("fallback", "") for i in info)
+
+    loaded, route = routed([20.0, 25.0, 30.0])
+    route_paths = loaded.router.leaf_paths[route.leaf]
+    open_levels = loaded.tree.open_to_evidence(e, route_paths)
+    reach = deepest_level(open_levels, loaded.tree.clean_claim(e, route_paths)[0])
+    supported = deepest_level(loaded.tree.supported_levels(e, route_paths))
+    assert torch.equal(route.level, reach) and (route.exposure_node == -1).all()
+    assert bool((route.past_support & (route.level > supported)).any())  # past the support for some images
+    held = loaded.tree.supported_levels(e, route_paths).gather(1, route.level[:, None])[:, 0]
+    assert torch.equal(route.past_support, (route.promoted >= 0) & ~held)
+    _, info = loaded.restore(x)
     for i in (route.promoted >= 0).nonzero().squeeze(1).tolist():  # the bank's 24 samples, fewer than k, all vote
         node, level = int(route.node[i]), int(route.level[i])
         through = int((paths[:, level] == node).sum())
-        above = int(deepest_level(allowed[i : i + 1], torch.tensor([level - 1])))  # a barred type node is skipped
+        above = int(deepest_level(open_levels[i : i + 1], torch.tensor([level - 1])))  # a barred type node is skipped
+        past = f"the image lies outside the support the tree trusts for node {node}, but " if route.past_support[i] else ""
         assert info[i]["fallback"] == (
-            f"router chose level {int(route.router_level[i])}; of the 24 calibration samples nearest to it, {through} "
-            f"went through node {node}, which gained {5.0 * (level - above):+.2f} dB on average (at least 1) over the "
-            f"node kept above it and harmed 0 of them (> 0.5 dB), so level {level} (node {node}) restores it")
+            f"router chose level {int(route.router_level[i])}; {past}of the 24 calibration samples nearest to it, "
+            f"{through} went through node {node}, which gained {5.0 * (level - above):+.2f} dB on average (at least 1) "
+            f"over the node kept above it and harmed 0 of them (> 0.5 dB), so level {level} (node {node}) restores it")
     # a named task keeps the router's level: the user named the degradation
     assert torch.equal(loaded.route(x, "noise").level, model.route(x, "noise").level)
 
@@ -296,10 +302,16 @@ def test_images_darker_or_dimmer_than_what_a_node_restored_stop_above_it(stat, t
     _, info = loaded.restore(x)
     values = of(x)
     assert float(values.max()) < refusing
+    held = model.tree.supported_levels(e, model.router.leaf_paths[route.leaf]).gather(1, without[:, None])[:, 0]
+    assert bool((held & (without > 0)).any())
     for i in without.nonzero().squeeze(1).tolist():
         node = int(model.router.leaf_paths[int(route.leaf[i])][1])
-        assert info[i]["fallback"].startswith(f"router chose level {int(route.router_level[i])}; "
-                                              + says.format(v=float(values[i]), node=node))
+        if held[i]:  # within the support the light check is what stops the image
+            assert info[i]["fallback"].startswith(f"router chose level {int(route.router_level[i])}; "
+                                                  + says.format(v=float(values[i]), node=node))
+        else:  # only the bank's evidence took it past the support: the text names the light or the support check
+            assert (says.format(v=float(values[i]), node=node) in info[i]["fallback"]
+                    or "the image lies outside the trusted support of node" in info[i]["fallback"])
 
 
 def test_save_bundle_keeps_the_bank_and_an_interrupted_recalibration_leaves_a_loadable_bundle(
