@@ -133,8 +133,8 @@ class UniRestorer(nn.Module):
     def _vouched(self, e: Tensor, route: Route, barred: Tensor) -> Tensor:
         """[B] True where the calibration bank's nearest samples vouch at promotion's bar for the node that runs:
         those that went through it gained clearly there and it harmed almost none. The exposure guard yields to
-        that: very dark low light in a type's shell gains 5 to 12 dB through its leaf, while the darkish photo
-        the guard was made for had a third of its neighbours harmed (BENCHMARKS.md, "fifteenth session")."""
+        that: very dark low light in a type's shell gains 5 to 12 dB through its leaf, while the leaf had harmed
+        6 of the 20 neighbours of the darkish photo the guard was made for (BENCHMARKS.md, "fifteenth session")."""
         if self.calibration is None:
             return torch.zeros(len(e), dtype=torch.bool, device=e.device)
         paths = self.router.leaf_paths[route.leaf]
