@@ -47,7 +47,7 @@ def fall_back(route: Route, embedding: Tensor, tree: DegradationTree, leaf_paths
         allowed &= ~barred.to(allowed.device)
         open_levels &= ~barred.to(allowed.device)
     supported = deepest_level(allowed)
-    hard = torch.minimum(supported, clean_depth)  # what no evidence overrides
+    hard = torch.minimum(supported, clean_depth)  # the vote's bound; only clear evidence passes the support
     if calibration is not None and floors is not None and ceilings is not None:
         light_depth, light_node, by_ceiling = calibration.light_depth(floors, ceilings, paths)
     else:  # no bank: nothing refused here
@@ -55,7 +55,6 @@ def fall_back(route: Route, embedding: Tensor, tree: DegradationTree, leaf_paths
         by_ceiling = torch.zeros_like(hard, dtype=torch.bool)
     cap = torch.minimum(route.level, hard)
     by_light = light_depth < cap
-    hard = deepest_level(allowed, torch.minimum(hard, light_depth))
     cap = deepest_level(allowed, torch.minimum(cap, light_depth))
     verdict = calibration.check(embedding, paths, cap, allowed=allowed) if calibration is not None else None
     level = verdict.depth if verdict is not None else cap
