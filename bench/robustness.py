@@ -34,7 +34,7 @@ from typing import Sequence
 
 import numpy as np
 
-from unirestorer.shifts import (COLUMNS, HARM_DB, HEAVY, MILD, ShiftSet, by_range, camera, identity, run_set,
+from unirestorer.shifts import (COLUMNS, HARM_DB, HEAVY, MILD, ShiftSet, by_range, camera, harm_cell, identity, run_set,
                                 set_row, synthetic_set, unseen_families, unseen_family, unseen_mix)
 
 
@@ -98,7 +98,8 @@ def markdown(rows: dict[str, dict], bundle: str) -> str:
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['n']} | " + " | ".join(f"{r[c]:.2f}" for c in COLUMNS)
-                     + f" | {100 * r['harm_rate']:.1f} % | {100 * r['leaf_harm_rate']:.1f} % | {r['worst']:+.2f} | "
+                     + f" | {harm_cell(r['harm_rate'], r['n'])} | {harm_cell(r['leaf_harm_rate'], r['n'])} | "
+                     + f"{r['worst']:+.2f} | "
                      + "/".join(map(str, r["levels"])) + " |")
     means = {c: float(np.mean([r[c] for r in rows.values()])) for c in COLUMNS}
     lines.append("| **mean** | | " + " | ".join(f"{means[c]:.2f}" for c in COLUMNS) + " | | | | |")
@@ -115,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "test",
                    help="the test images (default ../shared/data/test beside the repository)")
     p.add_argument("--out", type=Path, default=Path("runs/robustness"), help="output folder (default runs/robustness)")
-    p.add_argument("--n", type=int, default=16, help="images per set (default 16; LOL has 15)")
+    p.add_argument("--n", type=int, default=50,
+                   help="images per set (default 50, so that one harmed image is 2 %%, the goal's bound; LOL has 15)")
     p.add_argument("--crop", type=int, default=256, help="centre crop of the synthetic sets' clean images (default 256)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sets", default=None, help="comma-separated subset of the sets (default all)")

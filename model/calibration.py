@@ -24,7 +24,11 @@ quantile of the floors of the bank samples it did not harm; an image whose floor
 on its path stops above that node (BENCHMARKS.md "tenth session"). Low light does the opposite: it dims every
 pixel, highlights included, so the bank also keeps each sample's brightness ceiling (`bright_ceiling`, the 95th
 percentile of luminance), and a node whose samples were exposed (a rain leaf) does not take an image whose
-highlights are dimmer than nearly all of theirs (`ceiling_quantile`; `light_depth`, "eleventh session").
+highlights are dimmer than nearly all of theirs (`ceiling_quantile`; `light_depth`, "eleventh session"). The
+converse holds for low light: a node that only ever helped dim images does not take one whose highlights are more
+than HELPED_CEILING_FACTOR times (a stop) brighter than those of nearly all the samples it helped. A dark forest
+over bright snow (CBSD68 167062) lies deep inside `bench/quality.py`'s low-light types, whose neighbours there
+gained +4.8 to +15 dB, and they re-exposed it, 30.35 → 10.75 dB ("sixteenth session").
 
 The bank also speaks for finer experts (`promote`): where the router stops above a node but nearly all of the
 neighbours that went through it gained clearly there (at least PROMOTE_GAIN_DB on average over the node kept
@@ -51,6 +55,10 @@ FLOOR_QUANTILE = 0.05  # a node's floor minimum leaves out this share of the sam
 FLOOR_PATCH, FLOOR_PERCENTILE = 7, 0.05  # the dark channel's window (px) and the percentile that is its floor
 CEILING_QUANTILE = 0.01  # the same for ceilings; 5 % also kept the darkest heavy low light from low-light leaves
 CEILING_PERCENTILE = 0.95  # the luminance percentile that is an image's ceiling
+# a node takes no image whose ceiling exceeds this factor times the (1 - ceiling_quantile) quantile of the ceilings of
+# the bank samples it helped: only nodes that helped dim images alone (below 0.5) are bounded at all, and a low-light
+# leaf keeps LOL photos a little brighter than its darkest samples (LOL 1: 0.29 against 0.19)
+HELPED_CEILING_FACTOR = 2.0
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 luminance weights
 HARM_DB = 0.5  # a loss larger than this is harm, as the robustness benchmark counts it
 # promotion's bar: replayed on three bundles' records (about 2,000 images), 1 dB and a tenth moved 18 images, all
@@ -135,33 +143,39 @@ class Calibration:
         self.floors, self.floor_quantile = (None if floors is None else floors.float()), float(floor_quantile)
         self.ceilings, self.ceiling_quantile = (None if ceilings is None else ceilings.float()), float(ceiling_quantile)
         n_nodes = int(leaf_paths.max()) + 1
-        self.floor_min = self._minima(self.floors, self.floor_quantile, n_nodes)  # [n_nodes]; -inf: no evidence
-        self.ceiling_min = self._minima(self.ceilings, self.ceiling_quantile, n_nodes)
+        self.floor_min = self._bounds(self.floors, self.floor_quantile, n_nodes)  # [n_nodes]; -inf: no evidence
+        self.ceiling_min = self._bounds(self.ceilings, self.ceiling_quantile, n_nodes)
+        # [n_nodes]; inf: no evidence, or a node that helped bright images
+        self.ceiling_max = HELPED_CEILING_FACTOR * self._bounds(self.ceilings, 1 - self.ceiling_quantile, n_nodes,
+                                                                helped=True)
 
-    def _minima(self, values: Tensor | None, quantile: float, n_nodes: int) -> Tensor:
+    def _bounds(self, values: Tensor | None, quantile: float, n_nodes: int, helped: bool = False) -> Tensor:
         """Per node, the `quantile` quantile of `values` (floors or ceilings) over the bank samples it did not
-        harm (at most HARM_DB below its parent); the root, and nodes with fewer than `min_members` such samples,
-        -inf. One-sided: a node that restored hazy images needs a raised floor, one that restored exposed images
-        needs bright highlights; one that restored clear or dark images takes hazy or exposed ones too (a
+        harm (at most HARM_DB below its parent), or with `helped` over those it helped (more than HARM_DB above
+        it); the root, and nodes with fewer than `min_members` such samples, -inf (inf with `helped`).
+        Minima are one-sided: a node that restored hazy images needs a raised floor, one that restored exposed
+        images needs bright highlights; one that restored clear or dark images takes hazy or exposed ones too (a
         two-sided floor range cost the demo's low-light crops 0.5 dB)."""
-        minima = torch.full((n_nodes,), -torch.inf)
+        bounds = torch.full((n_nodes,), torch.inf if helped else -torch.inf)
         if values is None:
-            return minima
+            return bounds
         for level in range(1, self.paths.shape[1]):
-            kept = self.psnr[:, level] >= self.psnr[:, level - 1] - HARM_DB
+            step = self.psnr[:, level] - self.psnr[:, level - 1]
+            chosen = step > HARM_DB if helped else step >= -HARM_DB
             for node in self.paths[:, level].unique().tolist():
-                members = values[kept & (self.paths[:, level] == node)]
+                members = values[chosen & (self.paths[:, level] == node)]
                 if len(members) >= self.min_members:
-                    minima[node] = members.quantile(quantile)
-        return minima
+                    bounds[node] = members.quantile(quantile)
+        return bounds
 
     def light_depth(self, floors: Tensor, ceilings: Tensor, paths: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Per image, the deepest level down `paths` [B, n_levels] whose nodes' floor and ceiling minima its dark
-        channel floor `floors` [B] and brightness ceiling `ceilings` [B] all reach (the leaf's level for what the
-        bank does not keep), the first node it does not reach (-1 where it reaches all), and whether that node's
-        ceiling, not its floor, refused it."""
+        channel floor `floors` [B] and brightness ceiling `ceilings` [B] all reach, and whose ceiling maxima its
+        ceiling does not pass (the leaf's level for what the bank does not keep), the first node it does not
+        reach (-1 where it reaches all), and whether that node's ceiling, not its floor, refused it."""
         minima = torch.stack([self.floor_min, self.ceiling_min]).to(paths.device)[:, paths]  # [2, B, n_levels]
         inside = torch.stack([floors, ceilings]).to(paths.device)[..., None] >= minima
+        inside[1] &= ceilings.to(paths.device)[:, None] <= self.ceiling_max.to(paths.device)[paths]
         inside[..., 0] = True
         depth = inside.long().cumprod(2).sum(2) - 1  # [2, B]: per statistic
         levels = paths.shape[1]

@@ -4,7 +4,8 @@ The router picks a leaf and a level. A blind image then runs only at a path node
 support above it, holds its embedding (`DegradationTree.supported_levels`: a type node runs only within its
 trusted core, its leaves within the whole support above them), no deeper than where a clean
 leaf's support claims it (`clean_claim`), and above the first node whose dark channel floor or brightness ceiling
-minimum it does not reach (`Calibration.light_depth`); within that, the calibration bank's nearest samples vote
+minimum it does not reach, or whose ceiling maximum (a node that brightened dim images only) it passes
+(`Calibration.light_depth`); within that, the calibration bank's nearest samples vote
 level by level (`Calibration.check`), and where they gained clearly through a deeper node, they take the image down
 to it (`Calibration.promote`): past the router's level, and past the support too, but never into a type's own outer
 shell (`DegradationTree.open_to_evidence`) and never past the clean and light checks. A node that would run in a
@@ -18,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .calibration import HARM_DB, PROMOTE_GAIN_DB, Calibration, Verdict
+from .calibration import HARM_DB, HELPED_CEILING_FACTOR, PROMOTE_GAIN_DB, Calibration, Verdict
 from .router import Route
 from .tree import DegradationTree, deepest_level
 
@@ -132,6 +133,11 @@ def fallback_reason(route: Route, i: int, out: dict, tree: DegradationTree, leaf
                f"{float(calibration.floor_min[floor_node]):.3f}, that of all but "
                f"{calibration.floor_quantile:.0%} of the calibration samples node {floor_node} did not "
                f"harm (haze lifts every pixel: its darkest patches are darker than theirs)")
+    elif ceiling_node >= 0 and float(route.ceiling[i]) > float(calibration.ceiling_max[ceiling_node]):
+        why = (f"its brightness ceiling {float(route.ceiling[i]):.3f} lies above "
+               f"{float(calibration.ceiling_max[ceiling_node]):.3f}, {HELPED_CEILING_FACTOR:g} times that of all but "
+               f"{calibration.ceiling_quantile:.0%} of the calibration samples node {ceiling_node} helped (it "
+               f"brightened dim images only; this one's highlights are bright)")
     elif ceiling_node >= 0:
         why = (f"its brightness ceiling {float(route.ceiling[i]):.3f} lies below "
                f"{float(calibration.ceiling_min[ceiling_node]):.3f}, that of all but "

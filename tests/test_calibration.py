@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from unirestorer.model.bundle_schema import BundleError
-from unirestorer.model.calibration import (CEILING_QUANTILE, FLOOR_QUANTILE, HARM_SHARE, K, PROMOTE_GAIN_DB,
-                                           PROMOTE_HARM_SHARE, Calibration, bright_ceiling, dark_floor, measure)
+from unirestorer.model.calibration import (CEILING_QUANTILE, FLOOR_QUANTILE, HARM_SHARE, HELPED_CEILING_FACTOR, K,
+                                           PROMOTE_GAIN_DB, PROMOTE_HARM_SHARE, Calibration, bright_ceiling, dark_floor,
+                                           measure)
 from unirestorer.model.tree import deepest_level
 from unirestorer.model.unirestorer import CALIBRATION, CONFIG, UniRestorer, save_calibration
 
@@ -178,6 +179,24 @@ def test_a_node_takes_only_images_whose_highlights_reach_those_of_the_samples_it
     assert by_ceiling.tolist() == [False, True, True, False, True]
 
 
+def test_a_node_that_brightened_only_dim_images_takes_no_image_with_bright_highlights() -> None:
+    """The converse of the ceiling minimum, for low light: node 1 and leaf 3 helped 30 dim samples (ceilings
+    0.05-0.195); leaf 5 helped 30 bright ones (0.9), node 2 helped none of them (+0.2 dB)."""
+    paths = LEAF_PATHS[[0] * 30 + [2] * 30]
+    psnr = torch.tensor([[10.0, 20.0, 30.0]] * 30 + [[20.0, 20.2, 25.0]] * 30)
+    ceilings = torch.cat([0.05 + 0.005 * torch.arange(30.0), torch.full((30,), 0.9)])
+    cal = Calibration(torch.zeros(60, 2), paths, psnr, LEAF_PATHS, ceilings=ceilings)
+    dim = HELPED_CEILING_FACTOR * (0.05 + 0.005 * 29 * (1 - CEILING_QUANTILE))
+    expected = [torch.inf, dim, torch.inf, dim, torch.inf, HELPED_CEILING_FACTOR * 0.9, torch.inf]
+    torch.testing.assert_close(cal.ceiling_max, torch.tensor(expected))  # node 2: helped none; leaves 4, 6: no samples
+    depth, outside, by_ceiling = cal.light_depth(torch.zeros(4), torch.tensor([0.3, 0.5, 1.0, 1.0]),
+                                                 LEAF_PATHS[[0, 0, 0, 2]])
+    # a dim image a little brighter than all of them still goes down to leaf 3; one with a stop more light does
+    # not reach node 1; the bright one goes down to leaf 5, which brightened nothing
+    assert depth.tolist() == [2, 0, 0, 2] and outside.tolist() == [-1, 1, 1, -1]
+    assert by_ceiling.tolist() == [False, True, True, False]
+
+
 def tree_images() -> torch.Tensor:
     """The images the tiny bundle's tree was fitted on (conftest.build_tiny_unirestorer): inside its support."""
     g = torch.Generator().manual_seed(0)
@@ -273,35 +292,42 @@ def test_clear_gains_take_an_image_past_the_router_and_the_support(tiny_bundle, 
     assert torch.equal(loaded.route(x, "noise").level, model.route(x, "noise").level)
 
 
-LIGHT = {  # per statistic: its function, the bank's value that refuses every test image, the --explain reason
-    "floors": (dark_floor, 0.95, "its dark channel floor {v:.3f} lies below 0.950, that of all but 5% of the calibration "
-                                 "samples node {node} did not harm (haze lifts every pixel"),
-    "ceilings": (bright_ceiling, 0.99, "its brightness ceiling {v:.3f} lies below 0.990, that of all but 1% of the "
-                                       "calibration samples node {node} did not harm (low light dims every pixel"),
+LIGHT = {  # per check: the bank's statistic, its function, the bank's value that refuses every test image, the reason
+    "floor": ("floors", dark_floor, 0.95, "its dark channel floor {v:.3f} lies below 0.950, that of all but 5% of the "
+                                          "calibration samples node {node} did not harm (haze lifts every pixel"),
+    "ceiling": ("ceilings", bright_ceiling, 0.99, "its brightness ceiling {v:.3f} lies below 0.990, that of all but 1% "
+                                                  "of the calibration samples node {node} did not harm (low light dims "
+                                                  "every pixel"),
+    "helped ceiling": ("ceilings", bright_ceiling, 0.01, "its brightness ceiling {v:.3f} lies above 0.020, 2 times "
+                                                         "that of all but 1% of the calibration samples node {node} "
+                                                         "helped (it brightened dim images only"),
 }
 
 
-@pytest.mark.parametrize("stat", sorted(LIGHT))
-def test_images_darker_or_dimmer_than_what_a_node_restored_stop_above_it(stat, tiny_bundle, tmp_path) -> None:
-    of, refusing, says = LIGHT[stat]
+@pytest.mark.parametrize("check", sorted(LIGHT))
+def test_images_darker_dimmer_or_brighter_than_what_a_node_restored_stop_above_it(check, tiny_bundle, tmp_path) -> None:
+    stat, of, refusing, says = LIGHT[check]
     folder, model, x = copied(tiny_bundle, tmp_path)
     e = model.embed(x)
     paths, gaining = model.tree.path(e), torch.tensor([[20.0, 25.0, 30.0]]).repeat(len(e), 1)
     model.calibration = Calibration(e, paths, gaining, model.tree.leaf_paths())
     without = model.route(x).level
     assert int(without.max()) > 0  # the vote keeps some images below the root
-    for value in (0.0, refusing):  # the bank's samples all had this floor (ceiling); the other statistic 0
-        light = {"floors": torch.zeros(len(e)), "ceilings": torch.zeros(len(e))} | {stat: torch.full((len(e),), value)}
+    # the bank's samples all had the refusing floor (ceiling), or one that passes every image: 0, or for ceilings
+    # 0 and 1 in turn (no minimum, and a maximum that bounds nothing); the other statistic 0
+    passing = torch.zeros(len(e)) if stat == "floors" else (torch.arange(len(e)) % 2).float()
+    for value in (passing, torch.full((len(e),), refusing)):
+        light = {"floors": torch.zeros(len(e)), "ceilings": (torch.arange(len(e)) % 2).float()} | {stat: value}
         save_calibration(folder, Calibration(e, paths, gaining, model.tree.leaf_paths(), **light))
         loaded = UniRestorer.load_bundle(folder)
         assert torch.equal(getattr(loaded.calibration, stat), light[stat])
         assert (loaded.calibration.floor_quantile, loaded.calibration.ceiling_quantile) == (FLOOR_QUANTILE,
                                                                                             CEILING_QUANTILE)
         route = loaded.route(x)
-        assert torch.equal(route.level, without if value == 0.0 else torch.zeros_like(without))
+        assert torch.equal(route.level, without if value is passing else torch.zeros_like(without))
     _, info = loaded.restore(x)
     values = of(x)
-    assert float(values.max()) < refusing
+    assert float(values.max()) < refusing if check != "helped ceiling" else float(values.min()) > 2 * refusing
     held = model.tree.supported_levels(e, model.router.leaf_paths[route.leaf]).gather(1, without[:, None])[:, 0]
     assert bool((held & (without > 0)).any())
     for i in without.nonzero().squeeze(1).tolist():

@@ -161,7 +161,9 @@ def test_summary_table_and_json_have_every_task_and_method(tmp_path: Path, tiny_
     assert shifts["clean"]["harm_rate"] == (1.0 if shifts["clean"]["routed"] < 49.5 else 0.0)  # 2 images: both or none
     table = demo_report.summary_table(doc | {"shifts": shifts}, {"noise": [1, 0, 1], "jpeg": [0, 2, 0]})
     assert "| shift | n | input | classical | root | leaf | router | routed | oracle | harm |" in table
-    assert re.search(r"^\| camera_noise \| 2 \|( [\d.]+ \|){7} [\d.]+ % \| \d/\d/\d \|$", table, re.M), table
+    harmed = round(2 * shifts["camera_noise"]["harm_rate"])
+    assert re.search(rf"^\| camera_noise \| 2 \|( [\d.]+ \|){{7}} [\d.]+ % \({harmed}/2\) \| \d/\d/\d \|$", table,
+                     re.M), table  # the rate with its count
 
 
 @pytest.mark.slow

@@ -41,10 +41,14 @@ def test_every_set_is_scored_and_the_json_is_what_was_written(result) -> None:
 
 
 def test_rows_follow_from_the_per_image_records(result) -> None:
-    doc = result[0]
+    doc, _, out = result
+    table = (out / "robustness.md").read_text().splitlines()
     for name, row in doc["sets"].items():
         images = doc["images"][name]
         assert row["n"] == len(images) == 2
+        harmed = sum(r["routed_psnr"] < r["input_psnr"] - 0.5 for r in images)
+        line = next(t for t in table if t.startswith(f"| {name} |"))
+        assert f"| {100 * harmed / 2:.1f} % ({harmed}/2) |" in line  # the rate with its count
         for col in ("input", "classical", "root", "leaf", "router", "routed", "oracle"):
             assert row[col] == pytest.approx(np.mean([r[f"{col}_psnr"] for r in images]))
         harm = np.mean([r["routed_psnr"] < r["input_psnr"] - 0.5 for r in images])

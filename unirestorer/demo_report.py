@@ -120,11 +120,11 @@ def evaluate_shifts(model, clean: Path, out: Path, device: str) -> dict[str, dic
 def shift_table(shifts: dict[str, dict]) -> str:
     """The shift section: one row per set, with the harm rate (routed < input - 0.5 dB)."""
     from unirestorer.evaluate import cell
-    from unirestorer.shifts import COLUMNS
+    from unirestorer.shifts import COLUMNS, harm_cell
 
     head = "| shift | n | " + " | ".join(COLUMNS) + " | harm | images routed to level 0/1/2 |"
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for name, r in shifts.items():
         lines.append(f"| {name} | {r['n']} | " + " | ".join(cell(r[c]) for c in COLUMNS) +
-                     f" | {100 * r['harm_rate']:.1f} % | {'/'.join(map(str, r['levels']))} |")
+                     f" | {harm_cell(r['harm_rate'], r['n'])} | {'/'.join(map(str, r['levels']))} |")
     return "\n".join(lines)

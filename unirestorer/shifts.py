@@ -125,6 +125,11 @@ def run_set(model, shift: ShiftSet, denoiser: str, device: str) -> tuple[list[di
     return records, outputs
 
 
+def harm_cell(rate: float, n: int) -> str:
+    """A harm rate with its count, for the tables: at 16 images one harmed image is 6.2 %, at 50 it is 2 %."""
+    return f"{100 * rate:.1f} % ({round(rate * n)}/{n})"
+
+
 def set_row(records: list[dict], n_levels: int) -> dict:
     """The table row of one set: mean PSNR per column, harm rate, routed-level counts."""
     row = {"n": len(records), **{c: float(np.mean([r[f"{c}_psnr"] for r in records])) for c in COLUMNS}}
