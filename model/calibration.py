@@ -145,7 +145,7 @@ class Calibration:
         n_nodes = int(leaf_paths.max()) + 1
         self.floor_min = self._bounds(self.floors, self.floor_quantile, n_nodes)  # [n_nodes]; -inf: no evidence
         self.ceiling_min = self._bounds(self.ceilings, self.ceiling_quantile, n_nodes)
-        # [n_nodes]; inf: no evidence, or a node that helped bright images
+        # [n_nodes]; inf: no evidence; above 1, which bounds nothing, for a node that helped bright images
         self.ceiling_max = HELPED_CEILING_FACTOR * self._bounds(self.ceilings, 1 - self.ceiling_quantile, n_nodes,
                                                                 helped=True)
 
