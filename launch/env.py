@@ -58,6 +58,12 @@ def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
     """Set the rank variables (SLURM or single process), pick the device, and create the process group
     through deepspeed.init_distributed: NCCL on CUDA, gloo on CPU (DS_ACCELERATOR=cpu)."""
     import deepspeed  # heavy; only when a run starts
+    # torch.distributed.nn binds `group.WORLD` as a default argument when first imported. Imported after the
+    # group exists (timm -> torchvision -> torch._dynamo does), it holds the group for good: destroy_process_group
+    # then leaves gloo's worker threads running, and one of them may free a collective's tensors during
+    # interpreter shutdown and abort the rank (SIGABRT, "terminate called without an active exception", about
+    # 1 exit in 40). Imported here, before the group exists, it binds None.
+    import torch.distributed.nn
 
     os.environ.update(rank_env_from_slurm())
     for key, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
@@ -74,3 +80,23 @@ def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
     deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False,
                                timeout=timedelta(seconds=timeout_s), rank=rank, world_size=world)
     return DistInfo(rank, local_rank, world, device)
+
+
+def destroy_distributed() -> None:
+    """End every process group now, on every rank, once no collective is left (a normal end or a preemption).
+
+    A group still referenced at exit keeps gloo's worker threads alive into interpreter shutdown, where one of
+    them may free a finished collective's tensors and abort the rank (SIGABRT). DeepSpeed caches the groups it
+    creates (the engine's data-parallel and expert groups); its destroy_process_group drops those references
+    too, and the collection first frees an engine already destroyed (train/loop.py) but left in a cycle.
+    """
+    import gc
+
+    import deepspeed.comm
+    import torch.distributed as dist
+
+    gc.collect()
+    if deepspeed.comm.is_initialized():
+        deepspeed.comm.destroy_process_group()
+    elif dist.is_initialized():  # a group made without DeepSpeed (tests)
+        dist.destroy_process_group()

@@ -20,7 +20,7 @@ def run(rank: int, world: int, port: int, configs: dict, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    from unirestorer.launch.env import init_distributed
+    from unirestorer.launch.env import destroy_distributed, init_distributed
     from unirestorer.train import stage_experts, stage_extractor, stage_router
     from unirestorer.train.config import from_dict
     from unirestorer.train.loop import run as run_stage
@@ -56,4 +56,4 @@ def run(rank: int, world: int, port: int, configs: dict, out_dir: str) -> None:
     Path(out_dir, f"report_rank{rank}.json").write_text(json.dumps(
         {"codes": codes, "in_optimizer": in_optimizer, "grad_after": grad_after}))
     torch.distributed.barrier()
-    torch.distributed.destroy_process_group()  # not left to interpreter shutdown (train/preemption.py)
+    destroy_distributed()  # not left to interpreter shutdown (launch/env.py)

@@ -80,7 +80,10 @@ def _preempt_worker(rank: int, port: int, out: str) -> None:
             break
     Path(out, f"stop{rank}").write_text(json.dumps({"step": step, "signal": handler.received}))
     dist.barrier()
-    exit_preempted(rank)
+    try:
+        exit_preempted(rank)
+    finally:
+        dist.destroy_process_group()  # not left to interpreter shutdown (launch/env.py destroy_distributed)
 
 
 def test_signal_on_one_rank_stops_both_at_same_step(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from unirestorer.launch.env import init_distributed
+from unirestorer.launch.env import destroy_distributed, init_distributed
 from unirestorer.train import checkpoint as ckpt
 from unirestorer.train.config import add_common_args, build_ds_config, config_from_args
 from unirestorer.train.preemption import PreemptionHandler, exit_preempted
@@ -88,10 +88,13 @@ def main() -> None:
                 ckpt.save_checkpoint(engine, cfg.ckpt.dir, step, client, rank_state, cfg.ckpt.keep_last)
         if stop:
             log.write(json.dumps({"preempted": handler.received, "step": step}) + "\n")
-            exit_preempted(info.rank)
+            try:
+                exit_preempted(info.rank)
+            finally:
+                destroy_distributed()  # not left to interpreter shutdown (launch/env.py)
     log.write(json.dumps({"done": step, "weights": engine.module.weight.detach().flatten().tolist()}) + "\n")
     dist.barrier()
-    dist.destroy_process_group()  # not left to interpreter shutdown (train/preemption.py)
+    destroy_distributed()  # not left to interpreter shutdown (launch/env.py)
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     cfg.train.stage = args.stage
 
-    from unirestorer.launch.env import init_distributed  # imports deepspeed
+    from unirestorer.launch.env import destroy_distributed, init_distributed  # imports deepspeed
 
     info = init_distributed()
     guard = FailFast(info.rank, info.world_size).start()  # one rank's error stops every rank (fail_fast.py)
@@ -84,8 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         return guard.fail(EXIT_ERROR, f"[rank {info.rank}] {traceback.format_exc()}")
     finally:
         guard.stop()
-        if dist.is_initialized() and not failed:  # after a failure the peers are gone: nothing to tear down
-            dist.destroy_process_group()
+        # done or preempted (SystemExit from exit_preempted); after a failure the peers are gone: nothing to tear down
+        if dist.is_initialized() and not failed:
+            destroy_distributed()
 
 
 if __name__ == "__main__":

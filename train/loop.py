@@ -237,3 +237,4 @@ def run(stage: Stage, cfg: RunConfig, info: DistInfo) -> int:
     finally:
         monitor.close()
         handler.uninstall()
+        engine.destroy()

@@ -73,12 +73,13 @@ def requeue_slurm_job() -> None:
 
 
 def exit_preempted(rank: int) -> NoReturn:
-    """End a run whose checkpoint is committed on every rank: rank 0 requeues (under SLURM), all exit 75."""
+    """End a run whose checkpoint is committed on every rank: rank 0 requeues (under SLURM), all exit 75.
+
+    By SystemExit, so that the code that made the process group destroys it on the way out, after the engine
+    that still references DeepSpeed's groups is gone (train/__main__.py, launch/env.py destroy_distributed).
+    """
     if rank == 0:
         requeue_slurm_job()
     if dist.is_available() and dist.is_initialized():
         dist.barrier()  # no rank exits before the requeue is issued (srun --kill-on-bad-exit would end rank 0)
-        # Gloo's worker threads left alive into interpreter shutdown can abort the process (SIGABRT,
-        # "terminate called without an active exception"; pytorch/pytorch#190489) instead of exiting 75.
-        dist.destroy_process_group()
     sys.exit(PREEMPTED_EXIT_CODE)
