@@ -40,7 +40,7 @@ def test_rank_env_from_slurm() -> None:
 @pytest.mark.parametrize("mode", ["ours", "held"])
 def test_teardown_ends_every_gloo_thread_before_interpreter_shutdown(mode: str, tmp_path: Path) -> None:
     """A group alive at exit keeps gloo's threads into interpreter shutdown, where one of them freeing a
-    collective's tensors aborted a rank (the demo's cluster stage, about 1 exit in 40). The CLI's teardown
+    collective's tensors aborted a rank (the demo's cluster stage, 2 exits in 117). The CLI's teardown
     leaves none; the `held` control shows the check sees them when a reference survives."""
     env = {**os.environ, "PATH": f"{os.environ['PATH']}:{REPO / '.venv' / 'bin'}", "MASTER_PORT": str(free_port()),
            "UNIRESTORER_ENTRY": str(REPO / "tests" / "teardown_worker.py")}
