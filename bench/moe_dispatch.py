@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -207,10 +206,10 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    with tempfile.TemporaryDirectory() as tmp, socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-        s.close()
+    from unirestorer.launch.env import free_port
+
+    with tempfile.TemporaryDirectory() as tmp:
+        port = free_port()
         out = str(Path(tmp) / "result.json")
         mp.start_processes(worker, args=(args.ranks, port, args, out), nprocs=args.ranks, start_method="spawn")
         result = json.loads(Path(out).read_text())

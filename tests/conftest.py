@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+from unirestorer.launch.env import MASTER_PORTS
+from unirestorer.launch.env import free_port as free_port_in
 
 # pytest-xdist (`-n 2 --dist loadfile`, pyproject.toml) hands test files to its two workers in collection order;
 # the longest files go first so that no worker is left with one of them at the end (serial seconds per file on
@@ -18,6 +23,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
 
     items.sort(key=rank)  # stable: each file keeps its own order
+
+
+PORT_BLOCK = 2000
+
+
+def free_port() -> int:
+    """A master port for a test's launcher, from one block per pytest-xdist worker (two workers never pick the
+    same port), below the kernel's ephemeral range (see launch/env.py's free_port)."""
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    start = MASTER_PORTS.start + PORT_BLOCK * (worker % (len(MASTER_PORTS) // PORT_BLOCK))
+    return free_port_in(range(start, start + PORT_BLOCK))
 
 
 TINY_EXPERT = {"name": "nafnet", "preset": "tiny", "stat_window": 32}

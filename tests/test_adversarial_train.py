@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import pytest
 import torch
 from skimage import data
 
+from conftest import free_port
 from unirestorer.data_shards.writer import write_synthetic
 from unirestorer.train import checkpoint as ckpt
 from unirestorer.train.ckpt_dir_guard import prepare
@@ -35,12 +35,6 @@ TINY = ["model.extractor_backbone=test_resnet", "model.embed_dim=16", "model.ext
         "log.val_every=0"]
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env(port: int, rank: int = 0, world: int = 1) -> dict[str, str]:

@@ -24,7 +24,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_train_spine import REPO, finish, free_port, launch, losses, wait_for_step  # noqa: E402
+from conftest import free_port  # noqa: E402
+from test_train_spine import REPO, finish, launch, losses, wait_for_step  # noqa: E402
 
 from unirestorer.train.weights import expert_files_by_node, read_checkpoint  # noqa: E402
 

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from test_train_spine import (finish, free_port, launch, losses, same_weights, shards,  # noqa: F401 (a fixture)
-                              train_args)
-from unirestorer.launch.env import rank_env_from_slurm
+from conftest import free_port
+from test_train_spine import finish, launch, losses, same_weights, shards, train_args  # noqa: F401 (a fixture)
+from unirestorer.launch.env import MASTER_PORTS, ephemeral_ports, rank_env_from_slurm
+from unirestorer.launch.env import free_port as free_port_in
 from unirestorer.train import checkpoint as ckpt
 from unirestorer.train.weights import read_checkpoint
 
@@ -29,11 +30,38 @@ STEPS = ("--max-steps", "6", "--ckpt-every", "2", "train.debug_step_sleep=0.5")
 
 
 def test_rank_env_from_slurm() -> None:
-    env = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "123",
+    env = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "12123",
            "SLURM_JOB_NODELIST": "n[1-2]", "MASTER_ADDR": "n1"}
     assert rank_env_from_slurm(env) == {"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "MASTER_PORT": "20123"}
     assert rank_env_from_slurm({**env, "RANK": "0"}) == {}  # a launcher already set the ranks
     assert rank_env_from_slurm({}) == {}
+    assert MASTER_PORTS.stop <= ephemeral_ports().start  # the default of launch/slurm.sbatch as well
+
+
+def test_free_port_skips_listened_and_handed_out_ports_and_stays_out_of_the_ephemeral_range() -> None:
+    """A master port chosen by bind(0) lay in the ephemeral range, and another socket took it before the
+    launcher bound it (EADDRINUSE in CI). Ports here: 32000-32767, which no test's launcher uses."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        assert listener.getsockname()[1] in ephemeral_ports()  # what the old way handed out
+    with socket.socket() as listener:
+        for port in range(32000, 32700, 2):  # a pair with one port busy, one free
+            try:
+                listener.bind(("127.0.0.1", port))
+                break
+            except OSError:
+                continue
+        listener.listen()
+        got = free_port_in(range(port, port + 2))
+        assert got == port + 1
+        with socket.socket() as s:
+            s.bind(("", got))  # really free
+        with pytest.raises(RuntimeError, match=f"no free TCP port in {port}-{port + 1} outside"):
+            free_port_in(range(port, port + 2))  # one listened on, the other already handed out
+    eph = ephemeral_ports()
+    with pytest.raises(RuntimeError, match=f"ephemeral range {eph.start}-{eph.stop - 1}"):
+        free_port_in(range(eph.start, eph.start + 50))
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ import pytest
 import torch
 import webdataset as wds
 
+from conftest import free_port
 from unirestorer.data_shards.loader import StreamConfig, make_loader
 from unirestorer.data_shards.shards import EmptyShardsError, shard_order
 
@@ -106,12 +107,9 @@ def _rank_main(rank: int, port: int, spec: str, out) -> None:
 def test_real_two_rank_gloo_run_takes_equal_steps(tmp_path):
     """2 gloo ranks x 2 workers, shards of 1..9 samples: no rank runs out, no collective hangs."""
     import multiprocessing
-    import socket
 
     spec, _ = write_set(tmp_path, "r", [1, 9, 2])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ctx = multiprocessing.get_context("fork")
     out = ctx.Queue()
     procs = [ctx.Process(target=_rank_main, args=(r, port, spec, out)) for r in range(2)]

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import free_port
 from unirestorer.train.config import ConfigError, build_ds_config, load_config
 from unirestorer.train.scaling import micro_batch_of, scale_to_world
 from unirestorer.train.stage import lr_lambda
@@ -105,12 +105,6 @@ def test_scaling_rules_and_every_step_key():
         scale_to_world(load_config(None, ["train.reference_batch=8", "train.lr_scaling=cube"]), 2, 8)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_a_real_run_prints_the_line_and_trains_the_scaled_steps(tmp_path):
     """`python -m unirestorer.train extractor` on one CPU rank: reference batch 1, micro batch 2 -> half the
@@ -135,7 +129,7 @@ def test_a_real_run_prints_the_line_and_trains_the_scaled_steps(tmp_path):
             f"model.extractor_max_crops={m['max_crops']}", "deepspeed.micro_batch=2", "train.max_steps=4", "train.lr=1e-3",
             "train.reference_batch=1", "log.val_every=0", "--ckpt-dir", str(tmp_path / "ckpt"),
             "--log-dir", str(tmp_path / "log")]  # fmt: skip
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "MASTER_PORT": str(_free_port()),
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port()),
            "TORCH_EXTENSIONS_DIR": str(Path(sys.prefix) / "torch_extensions")}
     run = subprocess.run([sys.executable, "-m", "unirestorer.train", *args], capture_output=True, text=True, env=env,
                          timeout=240, cwd=tmp_path)  # fmt: skip

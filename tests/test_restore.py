@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from conftest import TINY_EXPERT
+from conftest import TINY_EXPERT, free_port
 from unirestorer.cli import main
 from unirestorer.image_io import load_picture
 from unirestorer.model.experts import create_expert
@@ -174,10 +173,7 @@ def test_restore_refuses_to_overwrite_inputs(tiny_bundle, folder, capsys):
 @pytest.mark.slow
 def test_two_process_restore_does_each_image_once(tiny_bundle, folder, tmp_path):
     """Real `accelerate launch`, 2 CPU processes (gloo): the sorted list is split, nothing is done twice."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = tmp_path / "out"
+    port, out = free_port(), tmp_path / "out"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
            "-m", "unirestorer.cli", "restore", "--weights", tiny_bundle, "--input", str(folder), "--output", str(out),

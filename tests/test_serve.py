@@ -4,7 +4,6 @@ file `unirestorer restore` writes, byte for byte; picking the root on the path s
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -15,18 +14,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import free_port
 from unirestorer.cli import main
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 needs_browser = pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="Chromium/chromedriver not installed here "
                                    "(.ci/run installs Debian's chromium and chromium-driver)")
 pytest.importorskip("gradio", reason="the app's extra is not installed: pip install -e '.[app]'")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

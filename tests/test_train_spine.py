@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import tarfile
 import time
@@ -21,6 +20,7 @@ import pytest
 import torch
 from skimage import data
 
+from conftest import free_port
 from unirestorer.data_shards.writer import write_synthetic
 from unirestorer.model.tree import DegradationTree
 from unirestorer.train import checkpoint as ckpt
@@ -34,12 +34,6 @@ TINY = ["model.extractor_backbone=test_resnet", "model.embed_dim=16", "model.ext
         "log.val_every=3", "log.val_batches=1"]
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(n: int, out: Path, *args: str) -> subprocess.Popen:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,15 +23,9 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 import train_stages_worker  # noqa: E402
 
-from conftest import TINY_EXTRACTOR  # noqa: E402
+from conftest import TINY_EXTRACTOR, free_port  # noqa: E402
 
 LEVELS = [1, 2, 4]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_shards(root: Path) -> dict[str, str]:

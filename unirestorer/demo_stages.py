@@ -7,13 +7,13 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from unirestorer.demo_data import Sizes
+from unirestorer.launch.env import free_port
 
 STAGES = ("extractor", "cluster", "experts", "router")
 ROUTER_MARGIN_DB = 0.3
@@ -74,12 +74,6 @@ def write_toml(path: Path, config: dict[str, dict]) -> None:
         lines += [f"[{section}]", *(f"{k} = {json.dumps(v)}" for k, v in values.items()), ""]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launcher_env(gpus: int) -> dict[str, str]:
