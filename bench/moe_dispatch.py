@@ -206,7 +206,7 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from unirestorer.launch.env import free_port
+    from unirestorer.launch.ports import free_port
 
     with tempfile.TemporaryDirectory() as tmp:
         port = free_port()

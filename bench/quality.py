@@ -120,7 +120,7 @@ def train_all(runs: list[tuple[str, str, dict]], out: Path, gpus: int) -> dict[s
     import torch.multiprocessing as mp
 
     from unirestorer.demo_stages import launcher_env
-    from unirestorer.launch.env import free_port
+    from unirestorer.launch.ports import free_port
 
     os.environ.update({k: v for k, v in launcher_env(gpus).items() if k in ("DS_ACCELERATOR", "OMP_NUM_THREADS")})
     report, port = out / "runs.json", free_port()

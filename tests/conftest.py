@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-from unirestorer.launch.env import MASTER_PORTS
-from unirestorer.launch.env import free_port as free_port_in
+from unirestorer.launch.ports import MASTER_PORTS
+from unirestorer.launch.ports import free_port as free_port_in
 
 # pytest-xdist (`-n 2 --dist loadfile`, pyproject.toml) hands test files to its two workers in collection order;
 # the longest files go first so that no worker is left with one of them at the end (serial seconds per file on

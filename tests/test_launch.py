@@ -18,8 +18,9 @@ import pytest
 
 from conftest import free_port
 from test_train_spine import finish, launch, losses, same_weights, shards, train_args  # noqa: F401 (a fixture)
-from unirestorer.launch.env import MASTER_PORTS, ephemeral_ports, rank_env_from_slurm
-from unirestorer.launch.env import free_port as free_port_in
+from unirestorer.launch.env import rank_env_from_slurm
+from unirestorer.launch.ports import MASTER_PORTS, ephemeral_ports
+from unirestorer.launch.ports import free_port as free_port_in
 from unirestorer.train import checkpoint as ckpt
 from unirestorer.train.weights import read_checkpoint
 

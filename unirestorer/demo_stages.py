@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from unirestorer.demo_data import Sizes
-from unirestorer.launch.env import free_port
+from unirestorer.launch.ports import free_port
 
 STAGES = ("extractor", "cluster", "experts", "router")
 ROUTER_MARGIN_DB = 0.3
