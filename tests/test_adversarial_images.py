@@ -78,10 +78,11 @@ def test_tile_batch_below_one_is_refused_before_anything_runs(photos, tmp_path, 
 @pytest.mark.parametrize("command, arg, value", [
     ("restore", "--overlap", "-8"), ("restore", "--tile", "-16"), ("restore", "--max-pixels", "0"),
     ("eval", "--multiple", "0"), ("eval", "--border", "-2"), ("eval", "--limit", "0"), ("eval", "--grid", "-1"),
-    ("eval", "--tile", "x")])  # fmt: skip
+    ("eval", "--tile", "x"), ("serve", "--tile", "-16"), ("serve", "--overlap", "-1"),
+    ("serve", "--max-pixels", "0")])  # fmt: skip
 def test_out_of_range_arguments_are_one_line(command, arg, value, photos, tmp_path, capsys):
-    io = ["--input", str(photos), "--output", str(tmp_path / "o")] if command == "restore" else [
-        "--clean", str(photos), "--synth", "noise:25", "--out", str(tmp_path / "o")]
+    io = {"restore": ["--input", str(photos), "--output", str(tmp_path / "o")],
+          "eval": ["--clean", str(photos), "--synth", "noise:25", "--out", str(tmp_path / "o")], "serve": []}[command]
     with pytest.raises(SystemExit) as stop:
         main([command, "--weights", str(tmp_path / "no-bundle"), *io, arg, value])
     assert stop.value.code == 2

@@ -103,6 +103,33 @@ def test_out_folder_is_reused_only_when_an_earlier_demo_made_it(tmp_path: Path) 
     assert not (out / "checkpoints").exists() and (out / "notes.txt").read_text() == "kept"
 
 
+def test_out_folder_never_leads_a_write_through_a_link(tmp_path: Path) -> None:
+    """A link planted among an earlier demo's outputs is removed, not followed (rmtree refuses links, and that
+    refusal was ignored: the demo then wrote eval/summary.json into the link's target); a link at --out itself,
+    or as the marker, is refused."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "summary.json").write_text("theirs")
+    out = tmp_path / "demo"
+    assert demo.prepare_out(out) == out
+    (out / "eval").symlink_to(elsewhere)
+    demo.prepare_out(out)
+    assert not (out / "eval").exists() and (elsewhere / "summary.json").read_text() == "theirs"
+
+    (tmp_path / "link").symlink_to(out)
+    with pytest.raises(OSError, match="is a symbolic link"):
+        demo.prepare_out(tmp_path / "link")
+    assert demo.prepare_out(tmp_path / "via" / ".." / "demo") == out  # a path with a parent link or '..' resolves
+
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    (planted / "thesis.tex").write_text("x")
+    (planted / demo.MARKER).symlink_to(out / demo.MARKER)  # looks like a demo folder through the link only
+    with pytest.raises(FileExistsError, match="not an earlier demo's folder"):
+        demo.prepare_out(planted)
+    assert (planted / "thesis.tex").read_text() == "x"
+
+
 def test_a_failing_command_returns_its_code_and_its_output_is_logged(tmp_path: Path, capfd) -> None:
     cmd = [sys.executable, "-c", "import sys; print('step 1'); print('boom', file=sys.stderr); sys.exit(3)"]
     assert demo_stages.run_logged(cmd, dict(os.environ), tmp_path / "logs" / "x.log") == 3

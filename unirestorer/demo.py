@@ -39,6 +39,7 @@ from unirestorer.demo_data import (ALWAYS_TRAINED, DEMO_TASKS, FULL, QUICK, SHAR
                                    save_crops, write_shards)
 from unirestorer.demo_report import evaluate_shifts, evaluate_tasks, summary, summary_table
 from unirestorer.demo_stages import STAGES, Progress, train_stages
+from unirestorer.safe_files import atomic_write, output_folder
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -63,14 +64,23 @@ OURS = ("photos", "heldout", "shards", "configs", "logs", "checkpoints", "tensor
 MARKER = ".unirestorer-demo"
 
 
-def prepare_out(out: Path) -> None:
-    """A fresh demo folder: an earlier demo's outputs are removed, any other non-empty folder is refused."""
-    if out.exists() and not (out / MARKER).exists() and (not out.is_dir() or any(out.iterdir())):
+def prepare_out(out: Path) -> Path:
+    """A fresh demo folder: an earlier demo's outputs are removed, any other non-empty folder is refused, and
+    so is a link at the folder itself. A link among an earlier demo's outputs is removed, never followed: the
+    demo then writes into folders it created itself. Returns the folder (links in its parents resolved)."""
+    out = output_folder(out, "--out")
+    marker = out / MARKER
+    ours = marker.is_file() and not marker.is_symlink()
+    if out.exists() and not ours and any(out.iterdir()):
         raise FileExistsError(f"--out {out}: exists and is not an earlier demo's folder; choose another")
     for name in OURS:
-        shutil.rmtree(out / name, ignore_errors=True)
+        if (out / name).is_symlink():
+            (out / name).unlink()
+        else:
+            shutil.rmtree(out / name, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).touch()
+    marker.touch()
+    return out
 
 
 def parse_tasks(text: str) -> tuple[str, ...]:
@@ -109,9 +119,9 @@ def run(args: argparse.Namespace) -> int:
         tasks = parse_tasks(args.tasks)
         if args.photos is not None and not args.photos.is_dir():
             raise ValueError(f"--photos {args.photos}: no such folder")
-        sizes, out, device = (QUICK if args.quick else FULL), args.out.resolve(), "cuda" if args.gpus else "cpu"
-        prepare_out(out)
-    except (ValueError, FileExistsError) as err:
+        sizes, device = (QUICK if args.quick else FULL), "cuda" if args.gpus else "cpu"
+        out = prepare_out(args.out)
+    except (ValueError, OSError) as err:  # FileExistsError, UnsafePathError, a folder we cannot create
         print(f"error: {err}", file=sys.stderr)
         return 2
     progress = Progress(len(STAGES) + 6)
@@ -159,9 +169,9 @@ def run(args: argparse.Namespace) -> int:
     levels = {t: np.bincount([r["level"] for r in recs], minlength=len(recs[0]["path"])).tolist()
               for t, recs in records.items()}
     table = summary_table(doc, levels)
-    (out / "eval" / "summary.md").write_text(f"{table}\n\nExtractor confusion on the held-out single-degradation "
-                                             f"crops (rows: truth, columns: top family):\n\n```\n{confusion}\n```\n")
-    (out / "eval" / "summary.json").write_text(json.dumps(doc, indent=1))
+    atomic_write(out / "eval" / "summary.md", f"{table}\n\nExtractor confusion on the held-out single-degradation "
+                                              f"crops (rows: truth, columns: top family):\n\n```\n{confusion}\n```\n")
+    atomic_write(out / "eval" / "summary.json", json.dumps(doc, indent=1))
     from unirestorer.classical import method_name
 
     print(f"\nPSNR (dB) on held-out crops, RGB, float, crop to a multiple of 16 (PromptIR convention); classical = "

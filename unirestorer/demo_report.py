@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from unirestorer.safe_files import atomic_write
+
 def evaluate_tasks(model, heldout: dict[str, list], out: Path, device: str) -> tuple[dict[str, list], dict, str]:
     """Routed model, baselines and the classical floor per task on the held-out samples (out/results.md, CSVs,
     grids); the extractor's exact-match family accuracy on the single-degradation ones, and their confusion
@@ -34,7 +36,7 @@ def evaluate_tasks(model, heldout: dict[str, list], out: Path, device: str) -> t
                     hits.setdefault(task, []).append(bool(((logits > 0) == torch.tensor(
                         [f == task for f in families], device=logits.device)).all()))
                     confusion[families.index(task), int(logits.argmax())] += 1
-    (out / "results.md").write_text("\n".join(sections))
+    atomic_write(out / "results.md", "\n".join(sections))
     per_family = {f: sum(v) / len(v) for f, v in hits.items()}
     every = [h for v in hits.values() for h in v]
     return (records, {"family_accuracy": sum(every) / len(every) if every else None, "per_family": per_family},

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from unirestorer.demo_data import Sizes
 from unirestorer.launch.ports import free_port
+from unirestorer.safe_files import atomic_write
 
 STAGES = ("extractor", "cluster", "experts", "router")
 ROUTER_MARGIN_DB = 0.3
@@ -73,7 +74,7 @@ def write_toml(path: Path, config: dict[str, dict]) -> None:
     for section, values in config.items():
         lines += [f"[{section}]", *(f"{k} = {json.dumps(v)}" for k, v in values.items()), ""]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines))
+    atomic_write(path, "\n".join(lines))
 
 
 def launcher_env(gpus: int) -> dict[str, str]:

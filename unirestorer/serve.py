@@ -19,6 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from unirestorer.arguments import COUNT, NON_NEGATIVE
 from unirestorer.restore import DEFAULT_OVERLAP, DEFAULT_TILE, check_tiling, load_model
 
 MAX_UPLOAD = "25mb"
@@ -186,9 +187,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", required=True, metavar="BUNDLE", help="bundle folder (bundle.json + weights)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--tile", type=int, default=DEFAULT_TILE, help=f"tile size, 0 = whole image (default {DEFAULT_TILE})")
-    p.add_argument("--overlap", type=int, default=DEFAULT_OVERLAP, help=f"tile overlap (default {DEFAULT_OVERLAP})")
-    p.add_argument("--max-pixels", type=int, default=None, help="refuse larger images (default 50M)")
+    p.add_argument("--tile", type=NON_NEGATIVE, default=DEFAULT_TILE,
+                   help=f"tile size, 0 = whole image (default {DEFAULT_TILE})")
+    p.add_argument("--overlap", type=NON_NEGATIVE, default=DEFAULT_OVERLAP,
+                   help=f"tile overlap (default {DEFAULT_OVERLAP})")
+    p.add_argument("--max-pixels", type=COUNT, default=None, help="refuse larger images (default 50M)")
     p.set_defaults(func=run)
 
 
